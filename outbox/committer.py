@@ -1,0 +1,233 @@
+"""``LaneCommitter``: advances each lane's contiguous resolved prefix on the broker, in order.
+
+One pass: fail deliveries whose ack timeout passed by the database clock, find lanes whose next
+event is resolved, lease each (fencing token), read the prefix after the cursor, await
+``producer.advance(batch)``, then move the cursor in a statement that checks the lease. A crash
+between the advance and the cursor update advances the batch again: advance is at-least-once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from outbox.core import backoff_delay, canonical_json, contiguous_resolved_prefix
+from outbox.errors import ConfigurationError
+from outbox.protocol import AdvanceItem, AdvanceOutcome, SharedStreamProducer
+
+if TYPE_CHECKING:
+    from outbox.store import LaneLease, OutboxStore
+
+__all__ = ("LaneCommitter",)
+
+log = logging.getLogger("outbox.committer")
+
+ProducerSource = SharedStreamProducer | Callable[[], SharedStreamProducer]
+
+
+class LaneCommitter:
+    """Advances resolved events to the broker, lane by lane, in position order.
+
+    :param store: the ``OutboxStore``.
+    :param allowed_modules: module prefixes whose trigger classes may be imported to rebuild a
+        stream's producer from the class path and kwargs stored with the stream.
+    :param producers: producer instances or factories by stream key (``shared_stream_key()``),
+        used instead of rebuilding.
+    :param batch_size: most events one ``advance`` call carries.
+    :param lease_seconds: how long a lane lease lasts; a committer paused longer loses it and
+        cannot move that lane's cursor.
+    :param poll_interval: seconds between passes when nothing wakes the committer.
+    :param sweep_timeouts: fail deliveries past their stream's ack timeout (database clock); an
+        in-process committer leaves that to its manager.
+    """
+
+    def __init__(
+        self,
+        store: OutboxStore,
+        *,
+        allowed_modules: Iterable[str] = (),
+        producers: Mapping[Hashable, ProducerSource] | None = None,
+        batch_size: int = 1000,
+        lease_seconds: float = 30.0,
+        poll_interval: float = 1.0,
+        sweep_timeouts: bool = True,
+        timeout_grace: float = 0.0,
+        retry_base: float = 0.5,
+        retry_cap: float = 60.0,
+        owner: str | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
+        if lease_seconds <= 0:
+            raise ValueError(f"lease_seconds must be positive, got {lease_seconds!r}")
+        self._store = store
+        self.allowed_modules = tuple(m.rstrip(".") for m in allowed_modules)
+        self._by_key: dict[str, ProducerSource] = {
+            canonical_json(key, what="producer key"): source
+            for key, source in (producers or {}).items()
+        }
+        self._local: dict[int, SharedStreamProducer] = {}
+        self._rebuilt: dict[int, SharedStreamProducer] = {}
+        self.batch_size = batch_size
+        self.lease_seconds = lease_seconds
+        self.poll_interval = poll_interval
+        self.sweep_timeouts = sweep_timeouts
+        self.timeout_grace = timeout_grace
+        self.retry_base = retry_base
+        self.retry_cap = retry_cap
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._lock = asyncio.Lock()
+
+    # -- producers handed in by an in-process manager ------------------------------------------
+
+    def add_producer(self, stream_id: int, producer: SharedStreamProducer) -> None:
+        self._local[stream_id] = producer
+
+    def remove_producer(self, stream_id: int) -> None:
+        self._local.pop(stream_id, None)
+
+    def local_stream_ids(self) -> list[int] | None:
+        """The streams this committer serves when it only has handed-in producers."""
+        if self._by_key or self.allowed_modules:
+            return None
+        return sorted(self._local)
+
+    async def _producer_for(self, stream_id: int) -> SharedStreamProducer:
+        producer = self._local.get(stream_id) or self._rebuilt.get(stream_id)
+        if producer is not None:
+            return producer
+        key_json, class_path, kwargs = await self._store.stream_builder(stream_id)
+        source = self._by_key.get(key_json)
+        if source is not None:
+            producer = source if isinstance(source, SharedStreamProducer) else source()
+        else:
+            producer = self._rebuild(key_json, class_path, kwargs)
+        self._rebuilt[stream_id] = producer
+        return producer
+
+    def _rebuild(
+        self, key_json: str, class_path: str, kwargs: dict[str, Any]
+    ) -> SharedStreamProducer:
+        module_name, _, class_name = class_path.rpartition(".")
+        if not any(
+            module_name == m or module_name.startswith(m + ".") for m in self.allowed_modules
+        ):
+            raise ConfigurationError(
+                f"stream {key_json}: trigger class {class_path} is outside the allowed modules "
+                f"{list(self.allowed_modules)}; add its module with --allow-module"
+            )
+        try:
+            trigger_class = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigurationError(
+                f"stream {key_json}: cannot import trigger class {class_path} ({exc}); install "
+                "the package that defines it where the committer runs"
+            ) from None
+        return trigger_class.create_shared_stream_producer(kwargs)  # type: ignore[no-any-return]
+
+    async def _discard_rebuilt(self, stream_id: int) -> None:
+        producer = self._rebuilt.pop(stream_id, None)
+        if producer is not None:
+            try:
+                await producer.aclose()
+            except Exception:
+                log.warning("Producer aclose failed", exc_info=True)
+
+    # -- passes ------------------------------------------------------------------------------
+
+    async def run_once(self, *, stream_ids: list[int] | None = None) -> int:
+        """One pass over the lanes that are ready; returns how many events it advanced."""
+        async with self._lock:
+            if self.sweep_timeouts:
+                await self._store.fail_expired(grace=self.timeout_grace)
+            lanes = await self._store.ready_lanes(self.owner, stream_ids=stream_ids, limit=1000)
+            advanced = 0
+            for lane_id in lanes:
+                advanced += await self._advance_lane(lane_id)
+            return advanced
+
+    async def drain(self, stream_id: int) -> int:
+        """Advance everything of ``stream_id`` that is resolved, pass after pass."""
+        total = 0
+        while True:
+            advanced = await self.run_once(stream_ids=[stream_id])
+            if not advanced:
+                return total
+            total += advanced
+
+    async def run(self, *, wakeup: asyncio.Event | None = None) -> None:
+        """Run passes until cancelled: after a wakeup, or every ``poll_interval`` seconds."""
+        wakeup = wakeup or asyncio.Event()
+        try:
+            while True:
+                try:
+                    while await self.run_once():
+                        pass
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("committer pass failed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wakeup.wait(), self.poll_interval)
+                wakeup.clear()
+        finally:
+            for stream_id in list(self._rebuilt):
+                await self._discard_rebuilt(stream_id)
+
+    async def release(self) -> None:
+        """Give up every lease this committer holds (on a graceful stop)."""
+        await self._store.release_leases(self.owner)
+
+    async def _advance_lane(self, lane_id: int) -> int:
+        lease = await self._store.take_lease(lane_id, self.owner, self.lease_seconds)
+        if lease is None:
+            return 0
+        try:
+            producer = await self._producer_for(lease.stream_id)
+        except ConfigurationError as exc:
+            await self._failed(lease, str(exc))
+            return 0
+        events = await self._store.read_lane(lane_id, lease.advanced_through, self.batch_size)
+        prefix = contiguous_resolved_prefix(events, lease.advanced_through)
+        if not prefix:
+            return 0
+        try:
+            batch = [
+                AdvanceItem(
+                    producer.deserialize_payload(e.payload),
+                    AdvanceOutcome(acked=e.acked, failed=e.failed, rejected=e.rejected),
+                )
+                for e in prefix
+            ]
+            await producer.advance(batch)
+        except Exception as exc:
+            log.error(
+                "Producer advance raised; lane stays unadvanced and will be retried",
+                exc_info=exc,
+                extra={
+                    "stream_id": lease.stream_id,
+                    "lane": lease.lane_key,
+                    "batch_size": len(prefix),
+                },
+            )
+            await self._failed(lease, f"{type(exc).__name__}: {exc}")
+            await self._discard_rebuilt(lease.stream_id)
+            return 0
+        if not await self._store.move_cursor(lease, self.owner, prefix[-1].position):
+            log.warning(
+                "lane lease lost during advance; the next holder advances the batch again",
+                extra={"stream_id": lease.stream_id, "lane": lease.lane_key},
+            )
+            return 0
+        return len(prefix)
+
+    async def _failed(self, lease: LaneLease, error: str) -> None:
+        retry_in = backoff_delay(lease.attempts + 1, base=self.retry_base, cap=self.retry_cap)
+        await self._store.record_advance_failure(lease, self.owner, error, retry_in)

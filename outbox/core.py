@@ -1,0 +1,185 @@
+"""Pure decisions: canonical keys, redelivery plans, lane prefixes, retry and lease timing.
+
+Nothing here does I/O or reads a clock; callers pass time in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+if TYPE_CHECKING:
+    from collections.abc import Hashable, Iterable, Mapping, Sequence
+
+__all__ = (
+    "ACKED",
+    "FAILED",
+    "REJECTED",
+    "LaneEvent",
+    "PriorOccurrence",
+    "RedeliveryPlan",
+    "State",
+    "backoff_delay",
+    "canonical_json",
+    "contiguous_resolved_prefix",
+    "is_expired",
+    "plan_redelivery",
+    "timeout_cadence",
+)
+
+State = Literal["acked", "rejected", "failed"]
+ACKED: Final = "acked"
+REJECTED: Final = "rejected"
+FAILED: Final = "failed"
+SETTLED_STATES: Final = frozenset({ACKED, REJECTED})
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError("mapping keys must be strings")
+        return {k: _jsonable(v) for k, v in value.items()}
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise TypeError(f"{value!r} has no JSON form")
+        return value
+    raise TypeError(f"values of type {type(value).__name__} have no canonical JSON form")
+
+
+def canonical_json(value: Hashable | Any, *, what: str) -> str:
+    """Canonical JSON text of a stream key or lane value (tuples become lists, keys sorted).
+
+    Raises ``TypeError`` naming ``what`` when the value is made of anything but JSON scalars,
+    lists, tuples and string-keyed mappings.
+    """
+    try:
+        return json.dumps(_jsonable(value), sort_keys=True, separators=(",", ":"))
+    except (TypeError, RecursionError) as exc:
+        raise TypeError(
+            f"{what} {value!r} cannot be stored ({exc}); use JSON scalars, lists and tuples"
+        ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class PriorOccurrence:
+    """An earlier recording of the same event identity, as the database holds it."""
+
+    event_id: int
+    advanced: bool
+    pending: int
+    snapshot: Sequence[str]
+    states: Mapping[str, str]
+
+
+@dataclass(slots=True)
+class RedeliveryPlan:
+    """What to do with an event as it arrives, given its earlier occurrences.
+
+    ``reuse_event_id`` set: deliver to ``deliver_to`` as part of that unadvanced occurrence,
+    adding ``add_to_snapshot`` and re-opening ``reopen_failed``. Otherwise record a new
+    occurrence with ``snapshot``, deliver to ``deliver_to``, and store ``carried`` (subscribers
+    that already accepted or rejected the identity) as resolved without delivering.
+    """
+
+    snapshot: list[str]
+    deliver_to: list[str]
+    reuse_event_id: int | None = None
+    add_to_snapshot: list[str] = field(default_factory=list)
+    reopen_failed: list[str] = field(default_factory=list)
+    carried: dict[str, str] = field(default_factory=dict)
+
+
+def plan_redelivery(snapshot: Sequence[str], prior: Iterable[PriorOccurrence]) -> RedeliveryPlan:
+    """Decide who gets an arriving event, so that each (identity, subscriber) that accepted or
+    rejected it once never gets it again.
+
+    An occurrence that is not advanced and still owes resolutions is reused (its lane position
+    stays, so it cannot be overtaken); anything else becomes a new occurrence.
+    """
+    occurrences = sorted(prior, key=lambda o: o.event_id)
+    settled: dict[str, str] = {}
+    for occurrence in occurrences:
+        for subscriber, state in occurrence.states.items():
+            if state in SETTLED_STATES:
+                settled.setdefault(subscriber, state)
+    open_occurrence = next(
+        (o for o in reversed(occurrences) if not o.advanced and o.pending > 0), None
+    )
+    if open_occurrence is None:
+        carried = {s: settled[s] for s in snapshot if s in settled}
+        return RedeliveryPlan(
+            snapshot=list(snapshot),
+            deliver_to=[s for s in snapshot if s not in settled],
+            carried=carried,
+        )
+    members = set(open_occurrence.snapshot)
+    plan = RedeliveryPlan(
+        snapshot=list(open_occurrence.snapshot),
+        deliver_to=[],
+        reuse_event_id=open_occurrence.event_id,
+    )
+    for subscriber in snapshot:
+        if subscriber in settled:
+            continue
+        if subscriber not in members:
+            plan.add_to_snapshot.append(subscriber)
+        elif open_occurrence.states.get(subscriber) == FAILED:
+            plan.reopen_failed.append(subscriber)
+        plan.deliver_to.append(subscriber)
+    plan.snapshot.extend(plan.add_to_snapshot)
+    return plan
+
+
+@dataclass(frozen=True, slots=True)
+class LaneEvent:
+    """An event of a lane after its cursor, as the committer reads it."""
+
+    event_id: int
+    position: int
+    pending: int
+    acked: int
+    failed: int
+    rejected: int
+    payload: Any
+
+
+def contiguous_resolved_prefix(
+    events: Iterable[LaneEvent], advanced_through: int
+) -> list[LaneEvent]:
+    """The events right after the cursor, in position order, up to the first unresolved one.
+
+    Stops at a gap in positions too: a position not yet committed by its writer may still
+    arrive, and nothing may overtake it.
+    """
+    prefix: list[LaneEvent] = []
+    expected = advanced_through + 1
+    for item in sorted(events, key=lambda e: e.position):
+        if item.position != expected or item.pending > 0:
+            break
+        prefix.append(item)
+        expected += 1
+    return prefix
+
+
+def backoff_delay(attempts: int, *, base: float = 0.5, cap: float = 60.0) -> float:
+    """Seconds to wait before retry number ``attempts`` (1-based): doubling from ``base``,
+    never above ``cap``."""
+    if attempts <= 0:
+        return 0.0
+    return min(cap, base * 2.0 ** min(attempts - 1, 62))
+
+
+def timeout_cadence(ack_timeout: float) -> float:
+    """How often the ack-timeout check runs: a tenth of the timeout, at least every 10 ms."""
+    return max(0.01, ack_timeout / 10)
+
+
+def is_expired(now: float, broadcast_at: float, ack_timeout: float) -> bool:
+    """Whether an event broadcast at ``broadcast_at`` timed out at ``now`` (inclusive)."""
+    return now - broadcast_at >= ack_timeout

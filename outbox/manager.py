@@ -1,0 +1,762 @@
+"""``SharedStreamManager``: one producer per stream key, fanned out to many subscribers, with
+every event recorded and every resolution committed together with its trigger events.
+
+The shape follows Airflow's in-memory manager (groups, snapshot at fan-out, binding windows,
+ack timeout, overflow); the state that must survive a crash lives in Postgres, written through
+the group-committing ``Writer``. Advancing the broker is the ``LaneCommitter``'s job; the manager
+runs one in-process by default, with its own producer instances.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from outbox.committer import LaneCommitter
+from outbox.core import ACKED, FAILED, REJECTED, canonical_json, is_expired, timeout_cadence
+from outbox.errors import StreamTerminated
+from outbox.protocol import AckTimeout, SharedStreamProducer, _Binding, _current_binding, to_json
+from outbox.store import EventToRecord, OutboxStore, ResolutionRow
+from outbox.triggers import BaseEventTrigger, TriggerEvent, is_ack_mode
+from outbox.writer import Writer
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Hashable
+
+__all__ = ("SharedStreamManager", "SubscriberOverflow")
+
+log = logging.getLogger("outbox.manager")
+
+DEFAULT_ACK_TIMEOUT = 300.0
+DEFAULT_SUBSCRIBER_QUEUE_MAX = 1024
+
+
+class SubscriberOverflow(Exception):
+    """A subscriber's queue exceeded its bound (only with ``overflow="fail"``)."""
+
+
+@dataclass(slots=True)
+class _Failure:
+    error: BaseException
+
+
+@dataclass(slots=True)
+class _End:
+    error: BaseException | None
+
+
+class _RawQueue:
+    """A subscriber's unconsumed raw events, ending in a failure once the subscriber fails."""
+
+    __slots__ = ("items", "maxsize", "on_take", "waiter")
+
+    def __init__(self, maxsize: int, on_take: Callable[[], None]) -> None:
+        self.items: deque[tuple[Any, int] | _Failure] = deque()
+        self.maxsize = maxsize
+        self.waiter: asyncio.Future[None] | None = None
+        self.on_take = on_take
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def full(self) -> bool:
+        return len(self.items) >= self.maxsize
+
+    def put(self, item: tuple[Any, int] | _Failure) -> None:
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def fail(self, error: BaseException) -> None:
+        """Drop what is queued and make the next pull raise ``error``."""
+        self.items.clear()
+        self.put(_Failure(error))
+
+    async def get(self) -> tuple[Any, int]:
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        item = self.items[0]
+        if isinstance(item, _Failure):
+            raise item.error
+        self.items.popleft()
+        self.on_take()
+        return item
+
+
+@dataclass(slots=True)
+class _Outstanding:
+    """An event fanned out by this manager that some of its subscribers still owe."""
+
+    created_at: float
+    pending: set[str]
+
+
+@dataclass(slots=True, eq=False)
+class _Subscriber:
+    trigger_id: Any
+    name: str
+    trigger: BaseEventTrigger
+    raw: _RawQueue
+    output: deque[TriggerEvent | _End] = field(default_factory=deque)
+    output_waiter: asyncio.Future[None] | None = None
+    task: asyncio.Task[None] | None = None
+    window: int | None = None
+    window_rejected: bool = False
+    window_events: list[TriggerEvent] = field(default_factory=list)
+    window_records: list[str] = field(default_factory=list)
+    failed: bool = False
+    ended: bool = False
+    binding: _Binding | None = None
+
+    def emit(self, item: TriggerEvent | _End) -> None:
+        if self.ended:
+            return
+        if isinstance(item, _End):
+            self.ended = True
+        self.output.append(item)
+        if self.output_waiter is not None and not self.output_waiter.done():
+            self.output_waiter.set_result(None)
+
+
+@dataclass(slots=True, eq=False)
+class _Stream:
+    key: Hashable
+    key_json: str
+    trigger_class: type[BaseEventTrigger]
+    class_path: str
+    kwargs: dict[str, Any]
+    kwargs_json: str
+    ack_mode: bool
+    subscribers: dict[str, _Subscriber] = field(default_factory=dict)
+    outstanding: dict[int, _Outstanding] = field(default_factory=dict)
+    lane_ids: dict[str, int] = field(default_factory=dict)
+    stream_id: int = 0
+    producer: SharedStreamProducer | None = None
+    staged: list[EventToRecord] = field(default_factory=list)
+    staged_raw: list[Any] = field(default_factory=list)
+    flush_scheduled: bool = False
+    in_flight: int = 0
+    resume: asyncio.Event = field(default_factory=asyncio.Event)
+    poll_task: asyncio.Task[None] | None = None
+    timeout_task: asyncio.Task[None] | None = None
+    terminated: bool = False
+    stopping: bool = False
+
+
+class SharedStreamManager:
+    """Fans one producer per stream key out to its subscribers, durably.
+
+    :param store: the ``OutboxStore`` that records events, resolutions and trigger events.
+    :param ack_timeout: seconds from broadcast within which a subscriber must resolve an event;
+        past it the subscriber is failed for that event and gets ``AckTimeout``.
+    :param max_subscriber_queue: bound on a subscriber's unconsumed raw events.
+    :param cohort_grace_period: seconds a new stream waits before polling, so triggers that
+        subscribe together after a restart are all in the first event's snapshot.
+    :param clock: monotonic seconds, injectable for tests.
+    :param overflow: ``"pause"`` (default) stops pulling from the producer while a subscriber's
+        queue is full; ``"fail"`` fails the subscriber instead (Airflow's behaviour).
+    :param run_committer: run a ``LaneCommitter`` in-process that advances this manager's
+        streams with its own producer instances (needed when acks must come from the consuming
+        connection). Turn it off when a separate ``outbox committer`` advances them.
+    :param write_batch: most items one group-committed transaction carries.
+    """
+
+    def __init__(
+        self,
+        store: OutboxStore,
+        *,
+        ack_timeout: float = DEFAULT_ACK_TIMEOUT,
+        max_subscriber_queue: int = DEFAULT_SUBSCRIBER_QUEUE_MAX,
+        cohort_grace_period: float = 0.0,
+        clock: Callable[[], float] | None = None,
+        overflow: Literal["pause", "fail"] = "pause",
+        run_committer: bool = True,
+        write_batch: int = 4000,
+        committer_options: dict[str, Any] | None = None,
+    ) -> None:
+        if ack_timeout <= 0:
+            raise ValueError(f"ack_timeout must be positive, got {ack_timeout!r}")
+        if max_subscriber_queue < 1:
+            raise ValueError(
+                f"max_subscriber_queue must be at least 1, got {max_subscriber_queue!r}"
+            )
+        if overflow not in ("pause", "fail"):
+            raise ValueError(f"overflow must be 'pause' or 'fail', got {overflow!r}")
+        self._store = store
+        self.ack_timeout = ack_timeout
+        self.max_subscriber_queue = max_subscriber_queue
+        self.cohort_grace_period = cohort_grace_period
+        self._now = clock or time.monotonic
+        self.overflow = overflow
+        self._streams: dict[Hashable, _Stream] = {}
+        self._committer_wakeup = asyncio.Event()
+        self._writer = Writer(store, max_batch=write_batch, on_commit=self._committer_wakeup.set)
+        self._record_batch = max(1, min(1000, write_batch))
+        self.committer: LaneCommitter | None = None
+        if run_committer:
+            options = {"sweep_timeouts": False, **(committer_options or {})}
+            self.committer = LaneCommitter(store, **options)
+        self._committer_task: asyncio.Task[None] | None = None
+
+    # -- public API -------------------------------------------------------------------------
+
+    def subscribe(
+        self, *, trigger_id: Any, trigger: BaseEventTrigger, key: Hashable | None = None
+    ) -> AsyncIterator[TriggerEvent]:
+        """Join ``trigger`` to the stream ``key`` (default ``trigger.shared_stream_key()``).
+
+        Returns the subscriber's trigger events, each yielded only after it is committed to the
+        outbox. The iterator ends after ``unsubscribe`` or ``stop_all``, and raises what failed
+        the subscriber (``AckTimeout``, an overflow, the producer's error).
+        """
+        if key is None:
+            key = trigger.shared_stream_key()
+        if key is None:
+            raise ValueError("shared stream key must not be None")
+        name = str(trigger_id)
+        stream = self._streams.get(key)
+        if stream is not None and name in stream.subscribers:
+            raise RuntimeError(f"Trigger {trigger_id} already subscribed to shared stream {key!r}")
+        if stream is None:
+            stream = self._new_stream(key, trigger)
+        subscriber = _Subscriber(
+            trigger_id=trigger_id,
+            name=name,
+            trigger=trigger,
+            raw=_RawQueue(self.max_subscriber_queue, stream.resume.set),
+        )
+        subscriber.binding = _Binding(lambda: self._reject(stream, subscriber))
+        stream.subscribers[name] = subscriber
+        self._streams[key] = stream
+        self._ensure_background()
+        if stream.poll_task is None:
+            stream.poll_task = asyncio.get_running_loop().create_task(
+                self._poll(stream), name=f"shared-stream-poll[{key!r}]"
+            )
+        subscriber.task = asyncio.get_running_loop().create_task(
+            self._run_filter(stream, subscriber), name=f"shared-stream-filter[{key!r}:{name}]"
+        )
+        return self._output(subscriber)
+
+    async def unsubscribe(self, trigger_id: Any, key: Hashable) -> None:
+        """Leave the stream: an event the subscriber pulled resolves ``acked`` (with the trigger
+        events it yielded), events it never pulled resolve ``failed``. The last subscriber to
+        leave stops the stream, after its resolved events are advanced."""
+        stream = self._streams.get(key)
+        if stream is None:
+            return
+        subscriber = stream.subscribers.pop(str(trigger_id), None)
+        if subscriber is None:
+            return
+        last = not stream.subscribers
+        if last:
+            del self._streams[key]
+        self._detach(stream, subscriber, classify=True)
+        await self._await_task(subscriber.task)
+        if last:
+            await self._stop_stream(stream)
+
+    async def stop_all(self) -> None:
+        """Stop every stream: filters are cancelled, what is resolved is committed and advanced,
+        unresolved events stay pending for redelivery, each producer is closed once."""
+        streams = list(self._streams.values())
+        self._streams.clear()
+        for stream in streams:
+            for subscriber in list(stream.subscribers.values()):
+                self._detach(stream, subscriber, classify=False)
+        for stream in streams:
+            for subscriber in stream.subscribers.values():
+                await self._await_task(subscriber.task)
+            await self._stop_stream(stream)
+        await self._writer.aclose()
+        if self._committer_task is not None:
+            self._committer_task.cancel()
+            await self._await_task(self._committer_task)
+            self._committer_task = None
+
+    async def __aenter__(self) -> SharedStreamManager:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop_all()
+
+    # -- streams ------------------------------------------------------------------------------
+
+    def _new_stream(self, key: Hashable, trigger: BaseEventTrigger) -> _Stream:
+        key_json = canonical_json(key, what="shared stream key")
+        class_path, kwargs = trigger.serialize()
+        kwargs_json = to_json(kwargs, what=f"stream {key!r}: trigger kwargs of {class_path}")
+        return _Stream(
+            key=key,
+            key_json=key_json,
+            trigger_class=type(trigger),
+            class_path=class_path,
+            kwargs=kwargs,
+            kwargs_json=kwargs_json,
+            ack_mode=is_ack_mode(type(trigger)),
+        )
+
+    def _ensure_background(self) -> None:
+        self._writer.start()
+        if self.committer is not None and self._committer_task is None:
+            self._committer_task = asyncio.get_running_loop().create_task(
+                self._run_committer(), name="outbox-in-process-committer"
+            )
+
+    async def _poll(self, stream: _Stream) -> None:
+        error: BaseException | None = None
+        cancelled = False
+        source: AsyncIterator[Any] | None = None
+        try:
+            if self.cohort_grace_period > 0:
+                await asyncio.sleep(self.cohort_grace_period)
+            stream.stream_id = await self._store.ensure_stream(
+                stream.key_json, stream.class_path, stream.kwargs_json, self.ack_timeout
+            )
+            if stream.ack_mode:
+                producer = stream.trigger_class.create_shared_stream_producer(stream.kwargs)
+                stream.producer = producer
+                if self.committer is not None:
+                    self.committer.add_producer(stream.stream_id, producer)
+                stream.timeout_task = asyncio.get_running_loop().create_task(
+                    self._enforce_timeouts(stream),
+                    name=f"shared-stream-ack-timeout[{stream.key!r}]",
+                )
+                source = producer.open_stream()
+                async for item in source:
+                    await self._stage(stream, producer, item)
+            else:
+                source = stream.trigger_class.open_shared_stream(stream.kwargs)
+                async for raw in source:
+                    await self._fan_out_fast(stream, raw)
+            raise StreamTerminated(
+                f"shared stream {stream.key!r} returned without raising; shared streams are "
+                "expected to run for the lifetime of the group"
+            )
+        except asyncio.CancelledError:
+            cancelled = True
+        except Exception as exc:
+            error = exc
+        finally:
+            if error is not None:
+                log.error(
+                    "Shared stream poll failed; propagating to subscribers",
+                    exc_info=error,
+                    extra={"stream": repr(stream.key)},
+                )
+                self._fail_stream(stream, error)
+            await self._finish_stream(stream, source)
+        if cancelled:
+            raise asyncio.CancelledError
+
+    def _fail_stream(self, stream: _Stream, error: BaseException) -> None:
+        if stream.terminated:
+            return
+        stream.terminated = True
+        if self._streams.get(stream.key) is stream:
+            del self._streams[stream.key]
+        for subscriber in stream.subscribers.values():
+            subscriber.raw.fail(error)
+
+    async def _finish_stream(self, stream: _Stream, source: AsyncIterator[Any] | None) -> None:
+        stream.stopping = True
+        if stream.timeout_task is not None:
+            stream.timeout_task.cancel()
+            await self._await_task(stream.timeout_task)
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            try:
+                await aclose()
+            except Exception:
+                log.debug("closing the shared stream source failed", exc_info=True)
+        await self._writer.barrier()
+        if stream.producer is not None:
+            if self.committer is not None:
+                await self.committer.drain(stream.stream_id)
+                self.committer.remove_producer(stream.stream_id)
+            try:
+                await stream.producer.aclose()
+            except Exception:
+                log.warning("Producer aclose failed", exc_info=True)
+
+    async def _stop_stream(self, stream: _Stream) -> None:
+        if stream.poll_task is not None:
+            stream.poll_task.cancel()
+            await self._await_task(stream.poll_task)
+
+    @staticmethod
+    async def _await_task(task: asyncio.Task[Any] | None) -> None:
+        if task is None:
+            return
+        try:
+            await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+        except Exception:
+            log.debug("background task ended with an error", exc_info=True)
+
+    # -- recording and fan-out --------------------------------------------------------------
+
+    def _must_pause(self, stream: _Stream) -> bool:
+        if stream.in_flight >= 4 * self._record_batch:
+            return True
+        if self.overflow == "fail":
+            return False
+        bound = self.max_subscriber_queue - stream.in_flight
+        return any(len(s.raw) >= bound for s in stream.subscribers.values() if not s.failed)
+
+    async def _wait_for_room(self, stream: _Stream) -> None:
+        while self._must_pause(stream):
+            if stream.staged:
+                self._flush_staged(stream)
+            stream.resume.clear()
+            await stream.resume.wait()
+
+    async def _stage(self, stream: _Stream, producer: SharedStreamProducer, item: Any) -> None:
+        raw, payload = item
+        where = f"stream {stream.key!r}"
+        lane_json = canonical_json(producer.get_advance_lane(payload), what=f"{where}: lane")
+        identity = producer.get_event_key(payload)
+        if identity is not None and not isinstance(identity, str):
+            raise TypeError(
+                f"{where}: get_event_key returned {type(identity).__name__}, expected str or None"
+            )
+        raw_json = to_json(producer.serialize_event(raw), what=f"{where}: raw event")
+        payload_json = to_json(
+            producer.serialize_payload(payload),
+            what=f"{where}: broker payload (override serialize_payload/deserialize_payload)",
+        )
+        lane_id = stream.lane_ids.get(lane_json)
+        if lane_id is None:
+            stream.lane_ids.update(await self._store.ensure_lanes(stream.stream_id, [lane_json]))
+            lane_id = stream.lane_ids[lane_json]
+        snapshot = [s.name for s in stream.subscribers.values() if not s.failed]
+        stream.staged.append(
+            EventToRecord(
+                stream_id=stream.stream_id,
+                lane_id=lane_id,
+                identity=identity,
+                raw_json=raw_json,
+                payload_json=payload_json,
+                snapshot=snapshot,
+            )
+        )
+        stream.staged_raw.append(raw)
+        stream.in_flight += 1
+        if len(stream.staged) >= self._record_batch:
+            self._flush_staged(stream)
+        elif not stream.flush_scheduled:
+            stream.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_staged, stream)
+        await self._wait_for_room(stream)
+
+    def _flush_staged(self, stream: _Stream) -> None:
+        stream.flush_scheduled = False
+        if not stream.staged or stream.terminated:
+            return
+        events, raws = stream.staged, stream.staged_raw
+        stream.staged, stream.staged_raw = [], []
+        self._writer.record_events(
+            events, lambda result: self._on_recorded(stream, events, raws, result)
+        )
+
+    def _on_recorded(
+        self, stream: _Stream, events: list[EventToRecord], raws: list[Any], result: Any
+    ) -> None:
+        stream.in_flight -= len(events)
+        stream.resume.set()
+        if isinstance(result, BaseException):
+            if not stream.terminated:
+                self._fail_stream(stream, result)
+            return
+        if stream.stopping or stream.terminated:
+            return
+        now = self._now()
+        for event, raw in zip(events, raws, strict=True):
+            if not event.deliver_to:
+                continue
+            entry = _Outstanding(created_at=now, pending=set())
+            stream.outstanding[event.event_id] = entry
+            for name in event.deliver_to:
+                subscriber = stream.subscribers.get(name)
+                if subscriber is None or subscriber.failed:
+                    self._write_resolution(
+                        stream, name, event.event_id, FAILED, "not subscribed at broadcast"
+                    )
+                    continue
+                entry.pending.add(name)
+                if self.overflow == "fail" and subscriber.raw.full():
+                    self._force_fail(
+                        stream,
+                        subscriber,
+                        SubscriberOverflow(
+                            f"shared stream {stream.key!r} fell behind for trigger "
+                            f"{subscriber.trigger_id}: subscriber queue exceeded "
+                            f"maxsize={self.max_subscriber_queue}"
+                        ),
+                        "subscriber queue overflow",
+                    )
+                    continue
+                subscriber.raw.put((raw, event.event_id))
+            if not entry.pending:
+                stream.outstanding.pop(event.event_id, None)
+
+    async def _fan_out_fast(self, stream: _Stream, raw: Any) -> None:
+        for subscriber in list(stream.subscribers.values()):
+            if subscriber.failed:
+                continue
+            if subscriber.raw.full() and self.overflow == "fail":
+                self._force_fail(
+                    stream,
+                    subscriber,
+                    SubscriberOverflow(
+                        f"shared stream {stream.key!r} fell behind for trigger "
+                        f"{subscriber.trigger_id}: subscriber queue exceeded "
+                        f"maxsize={self.max_subscriber_queue}"
+                    ),
+                    "subscriber queue overflow",
+                )
+                continue
+            subscriber.raw.put((raw, -1))
+        await self._wait_for_room(stream)
+
+    # -- subscribers ----------------------------------------------------------------------------
+
+    async def _output(self, subscriber: _Subscriber) -> AsyncIterator[TriggerEvent]:
+        while True:
+            while subscriber.output:
+                item = subscriber.output.popleft()
+                if isinstance(item, _End):
+                    if item.error is not None:
+                        raise item.error
+                    return
+                yield item
+            subscriber.output_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await subscriber.output_waiter
+            finally:
+                subscriber.output_waiter = None
+
+    async def _run_filter(self, stream: _Stream, subscriber: _Subscriber) -> None:
+        raw_stream = (
+            self._ack_stream(stream, subscriber)
+            if stream.ack_mode
+            else self._fast_stream(subscriber)
+        )
+        try:
+            async for trigger_event in subscriber.trigger.filter_shared_stream(raw_stream):
+                self._on_trigger_event(stream, subscriber, trigger_event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = exc
+            if stream.ack_mode and subscriber.window is not None and not subscriber.failed:
+                self._resolve(
+                    stream, subscriber, subscriber.window, FAILED, f"filter raised: {exc!r}"
+                )
+                subscriber.window = None
+            self._writer.after_pending(lambda _: subscriber.emit(_End(error)))
+            return
+        self._writer.after_pending(lambda _: subscriber.emit(_End(None)))
+
+    async def _fast_stream(self, subscriber: _Subscriber) -> AsyncIterator[Any]:
+        while True:
+            raw, _ = await subscriber.raw.get()
+            yield raw
+
+    async def _ack_stream(self, stream: _Stream, subscriber: _Subscriber) -> AsyncIterator[Any]:
+        while True:
+            if subscriber.window is not None:
+                self._close_window(stream, subscriber)
+            raw, event_id = await subscriber.raw.get()
+            subscriber.window = event_id
+            subscriber.window_rejected = False
+            _current_binding.set(subscriber.binding)
+            try:
+                yield raw
+            finally:
+                _current_binding.set(None)
+
+    def _close_window(self, stream: _Stream, subscriber: _Subscriber) -> None:
+        event_id = subscriber.window
+        assert event_id is not None
+        subscriber.window = None
+        events, records = subscriber.window_events, subscriber.window_records
+        subscriber.window_events, subscriber.window_records = [], []
+        if not subscriber.window_rejected:
+            self._resolve(stream, subscriber, event_id, ACKED, None, records, events)
+
+    def _reject(self, stream: _Stream, subscriber: _Subscriber) -> None:
+        event_id = subscriber.window
+        if event_id is None or subscriber.window_rejected:
+            log.warning(
+                "reject_shared_stream_event called outside an ack-mode binding window; ignored"
+            )
+            return
+        log.info(
+            "Rejecting shared-stream event",
+            extra={"trigger_id": subscriber.trigger_id, "event_id": event_id},
+        )
+        subscriber.window_rejected = True
+        subscriber.window_events, subscriber.window_records = [], []
+        self._resolve(stream, subscriber, event_id, REJECTED, "rejected by the filter")
+
+    def _on_trigger_event(
+        self, stream: _Stream, subscriber: _Subscriber, trigger_event: TriggerEvent
+    ) -> None:
+        if not isinstance(trigger_event, TriggerEvent):
+            raise TypeError(
+                f"stream {stream.key!r}: subscriber {subscriber.trigger_id} yielded "
+                f"{type(trigger_event).__name__}, expected TriggerEvent"
+            )
+        payload_json = to_json(
+            trigger_event.payload,
+            what=f"stream {stream.key!r}: trigger event of subscriber {subscriber.trigger_id}",
+        )
+        if subscriber.failed:
+            return
+        if stream.ack_mode and subscriber.window is not None:
+            if subscriber.window_rejected:
+                log.warning(
+                    "trigger event yielded after reject_shared_stream_event; not stored",
+                    extra={"trigger_id": subscriber.trigger_id, "event_id": subscriber.window},
+                )
+                return
+            subscriber.window_events.append(trigger_event)
+            subscriber.window_records.append(payload_json)
+            return
+        self._writer.store_unbound(
+            stream.stream_id,
+            subscriber.name,
+            payload_json,
+            lambda result: self._deliver(subscriber, [trigger_event], result),
+        )
+
+    @staticmethod
+    def _deliver(subscriber: _Subscriber, events: list[TriggerEvent], result: Any) -> None:
+        if isinstance(result, BaseException):
+            subscriber.emit(_End(result))
+        elif result is not False:
+            for trigger_event in events:
+                subscriber.emit(trigger_event)
+
+    def _resolve(
+        self,
+        stream: _Stream,
+        subscriber: _Subscriber,
+        event_id: int,
+        state: str,
+        reason: str | None,
+        records: list[str] | None = None,
+        events: list[TriggerEvent] | None = None,
+    ) -> None:
+        entry = stream.outstanding.get(event_id)
+        if entry is None or subscriber.name not in entry.pending:
+            return
+        entry.pending.discard(subscriber.name)
+        if not entry.pending:
+            del stream.outstanding[event_id]
+        callback = (lambda result: self._deliver(subscriber, events, result)) if events else None
+        self._write_resolution(stream, subscriber.name, event_id, state, reason, records, callback)
+
+    def _write_resolution(
+        self,
+        stream: _Stream,
+        name: str,
+        event_id: int,
+        state: str,
+        reason: str | None,
+        records: list[str] | None = None,
+        callback: Callable[[Any], None] | None = None,
+    ) -> None:
+        self._writer.resolve(
+            ResolutionRow(stream.stream_id, event_id, name, state, reason, records or ()),
+            callback,
+        )
+
+    def _force_fail(
+        self, stream: _Stream, subscriber: _Subscriber, error: BaseException, reason: str
+    ) -> None:
+        """Fail the subscriber in every event it owes and make its next pull raise ``error``."""
+        subscriber.failed = True
+        subscriber.raw.fail(error)
+        subscriber.window_events, subscriber.window_records = [], []
+        for event_id in [e for e, o in stream.outstanding.items() if subscriber.name in o.pending]:
+            self._resolve(stream, subscriber, event_id, FAILED, reason)
+        stream.resume.set()
+
+    def _detach(self, stream: _Stream, subscriber: _Subscriber, *, classify: bool) -> None:
+        if subscriber.task is not None:
+            subscriber.task.cancel()
+        if classify and stream.ack_mode:
+            for event_id in [
+                e for e, o in stream.outstanding.items() if subscriber.name in o.pending
+            ]:
+                if event_id == subscriber.window:
+                    self._close_window(stream, subscriber)
+                else:
+                    self._resolve(
+                        stream, subscriber, event_id, FAILED, "unsubscribed before pulling"
+                    )
+        subscriber.raw.items.clear()
+        stream.resume.set()
+        self._writer.after_pending(lambda _: subscriber.emit(_End(None)))
+
+    async def _enforce_timeouts(self, stream: _Stream) -> None:
+        cadence = timeout_cadence(self.ack_timeout)
+        while True:
+            await asyncio.sleep(cadence)
+            now = self._now()
+            for event_id, entry in list(stream.outstanding.items()):
+                if not is_expired(now, entry.created_at, self.ack_timeout):
+                    continue
+                for name in list(entry.pending):
+                    subscriber = stream.subscribers.get(name)
+                    if subscriber is None or subscriber.failed:
+                        entry.pending.discard(name)
+                        self._write_resolution(stream, name, event_id, FAILED, "ack timeout")
+                        continue
+                    log.warning(
+                        "Ack timeout; force-failing subscriber",
+                        extra={"trigger_id": subscriber.trigger_id, "event_id": event_id},
+                    )
+                    self._force_fail(
+                        stream,
+                        subscriber,
+                        AckTimeout(
+                            f"shared stream {stream.key!r} trigger {subscriber.trigger_id} did not "
+                            f"finish processing event {event_id} within {self.ack_timeout}s (still "
+                            "on the event, or its trigger events not yet committed)"
+                        ),
+                        "ack timeout",
+                    )
+                if not entry.pending:
+                    stream.outstanding.pop(event_id, None)
+
+    # -- in-process committer -----------------------------------------------------------------
+
+    async def _run_committer(self) -> None:
+        assert self.committer is not None
+        committer = self.committer
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._committer_wakeup.wait(), committer.poll_interval)
+            self._committer_wakeup.clear()
+            try:
+                while await committer.run_once(stream_ids=committer.local_stream_ids()):
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("in-process committer pass failed")

@@ -1,0 +1,153 @@
+"""The producer side of a shared stream: what a broker adapter implements and receives.
+
+These names and their behaviour follow Airflow's ``airflow.triggers.shared_stream`` so that a
+producer written for Airflow runs here with only its import lines changed.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+
+__all__ = (
+    "AckTimeout",
+    "AdvanceItem",
+    "AdvanceOutcome",
+    "SharedStreamProducer",
+    "reject_shared_stream_event",
+)
+
+log = logging.getLogger("outbox")
+
+
+class AckTimeout(Exception):
+    """Raised into a subscriber that did not finish an event within the ack timeout.
+
+    The timeout is counted from the event's broadcast and covers a subscriber still on the event,
+    one that never pulled it, and one whose trigger events were never committed.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class AdvanceOutcome:
+    """How the subscribers in an event's snapshot resolved it.
+
+    ``acked + failed + rejected`` equals the snapshot size; an event nobody was subscribed to has
+    all three at zero.
+    """
+
+    acked: int
+    failed: int
+    rejected: int = 0
+
+    @property
+    def is_clean(self) -> bool:
+        """True when every subscriber accepted the event: none failed, none rejected, one or more
+        accepted. An event nobody was subscribed to is not clean."""
+        return self.failed == 0 and self.rejected == 0 and self.acked > 0
+
+
+class AdvanceItem(NamedTuple):
+    """One event of an advance batch; unpacks as ``(broker_payload, outcome)``."""
+
+    broker_payload: Any
+    outcome: AdvanceOutcome
+
+
+class SharedStreamProducer(ABC):
+    """Owns the broker connection of one shared stream and advances it.
+
+    ``open_stream`` yields ``(raw_event, broker_payload)`` forever (returning is an error);
+    ``advance`` receives one lane's contiguous resolved prefix, in event order, and commits,
+    deletes, acks or dead-letters on the broker. ``advance`` is at-least-once: after a crash
+    between the broker call and the cursor update the same batch is advanced again, so it must
+    be safe to repeat.
+    """
+
+    @abstractmethod
+    def open_stream(self) -> AsyncIterator[tuple[Any, Any]]:
+        """Yield ``(raw_event, broker_payload)`` for the lifetime of the stream.
+
+        Open the broker connection here, not in the trigger's factory.
+        """
+
+    @abstractmethod
+    async def advance(self, batch: Sequence[AdvanceItem]) -> None:
+        """Advance the broker over one lane's batch of fully resolved events."""
+
+    def get_advance_lane(self, broker_payload: Any) -> Hashable:
+        """The ordering lane of an event; events of one lane are advanced in order.
+
+        Default ``None``: one lane for the whole stream. Kafka returns ``(topic, partition)``.
+        The value is stored as canonical JSON, so it must be made of JSON scalars, lists and
+        tuples.
+        """
+        return None
+
+    def get_event_key(self, broker_payload: Any) -> str | None:
+        """A stable identity of the event across redeliveries, or ``None`` (no deduplication).
+
+        Kafka: topic, partition and offset; SQS: the ``MessageId``. When present, a redelivered
+        event is not handed again to subscribers that already accepted or rejected it.
+        """
+        return None
+
+    def serialize_payload(self, broker_payload: Any) -> Any:
+        """Turn a broker payload into a JSON value for storage (default: as is)."""
+        return broker_payload
+
+    def deserialize_payload(self, stored: Any) -> Any:
+        """Rebuild a broker payload from its stored JSON value (default: as is; a tuple comes
+        back as a list)."""
+        return stored
+
+    def serialize_event(self, raw_event: Any) -> Any:
+        """Turn a raw event into a JSON value for storage (default: as is)."""
+        return raw_event
+
+    async def aclose(self) -> None:  # noqa: B027 - a hook with an empty default
+        """Close the broker connection; called once when the stream ends, best-effort."""
+
+
+class _Binding:
+    """What ``reject_shared_stream_event`` reaches: the event a filter is processing now."""
+
+    __slots__ = ("reject",)
+
+    def __init__(self, reject: Callable[[], None]) -> None:
+        self.reject = reject
+
+
+_current_binding: contextvars.ContextVar[_Binding | None] = contextvars.ContextVar(
+    "outbox_shared_stream_binding", default=None
+)
+
+
+def reject_shared_stream_event() -> None:
+    """Refuse the raw event the calling filter is processing.
+
+    The subscriber's resolution of that event becomes ``rejected`` at once (no trigger event is
+    stored for it, even one yielded afterwards). Outside an ack-mode binding window (fast path,
+    standalone ``run()``, between two raw events, another task) it logs a warning and does
+    nothing.
+    """
+    binding = _current_binding.get()
+    if binding is None:
+        log.warning("reject_shared_stream_event called outside an ack-mode binding window; ignored")
+        return
+    binding.reject()
+
+
+def to_json(value: Any, *, what: str) -> str:
+    """Serialise ``value`` to JSON text, or raise ``TypeError`` naming ``what`` and the fix."""
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what} is not JSON-serialisable ({exc})") from None

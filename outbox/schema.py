@@ -1,0 +1,139 @@
+"""The outbox tables, as SQLAlchemy Core metadata (the migrations are checked against it).
+
+A delivery row exists only once a subscriber resolved an event; until then the subscriber is
+pending, which the event's ``snapshot`` and ``pending`` count record without a row per subscriber.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+__all__ = ("delivery", "event", "lane", "metadata", "record", "stream")
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+NOW = func.now()
+
+stream = Table(
+    "outbox_stream",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("key", Text, nullable=False, comment="canonical JSON of shared_stream_key()"),
+    Column("trigger_class", Text, nullable=False),
+    Column("trigger_kwargs", JSONB, nullable=False),
+    Column("ack_timeout", Float, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    UniqueConstraint("key"),
+)
+
+lane = Table(
+    "outbox_lane",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column(
+        "stream_id", BigInteger, ForeignKey("outbox_stream.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("lane_key", Text, nullable=False, comment="canonical JSON of get_advance_lane()"),
+    Column("next_position", BigInteger, nullable=False, server_default=text("1")),
+    Column("advanced_through", BigInteger, nullable=False, server_default=text("0")),
+    Column("lease_owner", Text),
+    Column("lease_expires_at", DateTime(timezone=True)),
+    Column("fencing_token", BigInteger, nullable=False, server_default=text("0")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("last_error", Text),
+    Column("stalled_since", DateTime(timezone=True)),
+    Column("retry_at", DateTime(timezone=True)),
+    UniqueConstraint("stream_id", "lane_key"),
+    CheckConstraint("advanced_through < next_position", name="cursor_behind_allocation"),
+)
+
+event = Table(
+    "outbox_event",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column(
+        "stream_id", BigInteger, ForeignKey("outbox_stream.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("lane_id", BigInteger, ForeignKey("outbox_lane.id", ondelete="CASCADE"), nullable=False),
+    Column("position", BigInteger, nullable=False),
+    Column("identity", Text),
+    Column("raw", JSONB),
+    Column("payload", JSONB),
+    Column("snapshot", JSONB, nullable=False, comment="subscribers that must resolve it"),
+    Column("pending", Integer, nullable=False),
+    Column("acked", Integer, nullable=False, server_default=text("0")),
+    Column("failed", Integer, nullable=False, server_default=text("0")),
+    Column("rejected", Integer, nullable=False, server_default=text("0")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("resolved_at", DateTime(timezone=True)),
+    UniqueConstraint("lane_id", "position"),
+    CheckConstraint("pending >= 0", name="pending_not_negative"),
+    Index(
+        "ix_outbox_event_identity",
+        "stream_id",
+        "identity",
+        postgresql_where=text("identity IS NOT NULL"),
+    ),
+    Index("ix_outbox_event_pending_age", "created_at", postgresql_where=text("pending > 0")),
+)
+
+delivery = Table(
+    "outbox_delivery",
+    metadata,
+    Column(
+        "event_id", BigInteger, ForeignKey("outbox_event.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("subscriber", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("reason", Text),
+    Column("resolved_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    PrimaryKeyConstraint("event_id", "subscriber"),
+    CheckConstraint("state IN ('acked', 'rejected', 'failed')", name="state_known"),
+)
+
+record = Table(
+    "outbox_record",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column(
+        "stream_id", BigInteger, ForeignKey("outbox_stream.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("event_id", BigInteger, ForeignKey("outbox_event.id", ondelete="SET NULL")),
+    Column("subscriber", Text, nullable=False),
+    Column("ordinal", Integer, nullable=False),
+    Column("payload", JSONB, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("dispatched_at", DateTime(timezone=True)),
+    UniqueConstraint("event_id", "subscriber", "ordinal"),
+    Index(
+        "ix_outbox_record_undispatched",
+        "stream_id",
+        "id",
+        postgresql_where=text("dispatched_at IS NULL"),
+    ),
+)

