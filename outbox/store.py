@@ -427,7 +427,7 @@ class OutboxStore:
                     lane.c.stream_id == stream_id, lane.c.lane_key.in_(keys)
                 )
             )
-            return dict(rows.tuples())
+            return {row[0]: row[1] for row in rows}
 
     async def stream_builder(self, stream_id: int) -> tuple[str, str, dict[str, Any]]:
         """``(key, trigger class path, kwargs)`` of a stream, for rebuilding its producer."""
