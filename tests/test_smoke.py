@@ -3,7 +3,6 @@ from __future__ import annotations
 import asyncio
 
 from outbox import AdvanceOutcome, OutboxStore, SharedStreamManager
-
 from tests.streams import RecordingProducer, StreamTrigger, collect, records, wait_until
 
 
