@@ -174,9 +174,9 @@ async def collect(stream: AsyncIterator[TriggerEvent], count: int) -> list[Any]:
     return out
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for ``condition`` to hold, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+async def wait_until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    """Wait for ``condition`` to hold, failing after ``within`` seconds."""
+    deadline = time.monotonic() + within
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError("condition not met before the deadline")
