@@ -9,7 +9,6 @@ between the advance and the cursor update advances the batch again: advance is a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import logging
 import os
@@ -84,6 +83,8 @@ class LaneCommitter:
         self.retry_cap = retry_cap
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._lock = asyncio.Lock()
+        self.passes = 0
+        self.listening = False
 
     # -- producers handed in by an in-process manager ------------------------------------------
 
@@ -151,6 +152,7 @@ class LaneCommitter:
             advanced = 0
             for lane_id in lanes:
                 advanced += await self._advance_lane(lane_id)
+            self.passes += 1
             return advanced
 
     async def drain(self, stream_id: int) -> int:
@@ -162,24 +164,42 @@ class LaneCommitter:
                 return total
             total += advanced
 
-    async def run(self, *, wakeup: asyncio.Event | None = None) -> None:
-        """Run passes until cancelled: after a wakeup, or every ``poll_interval`` seconds."""
-        wakeup = wakeup or asyncio.Event()
+    async def run(self) -> None:
+        """Run passes until cancelled: when a lane's next event resolves (``LISTEN``), and
+        every ``poll_interval`` seconds (lease expiries, retries, timeouts, a lost listener)."""
+        wakeup = asyncio.Event()
         try:
             while True:
                 try:
-                    while await self.run_once():
-                        pass
+                    async with self._store.listen_resolved(wakeup.set):
+                        self.listening = True
+                        await self._passes(wakeup)
                 except asyncio.CancelledError:
                     raise
-                except Exception:
-                    log.exception("committer pass failed")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wakeup.wait(), self.poll_interval)
-                wakeup.clear()
+                except Exception as exc:
+                    self.listening = False
+                    log.warning("committer cannot listen for resolutions (%s); polling", exc)
+                    await self._passes(wakeup, until_listening_again=True)
         finally:
+            self.listening = False
             for stream_id in list(self._rebuilt):
                 await self._discard_rebuilt(stream_id)
+
+    async def _passes(self, wakeup: asyncio.Event, *, until_listening_again: bool = False) -> None:
+        while True:
+            wakeup.clear()
+            try:
+                while await self.run_once():
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("committer pass failed")
+            try:
+                await asyncio.wait_for(wakeup.wait(), self.poll_interval)
+            except TimeoutError:
+                if until_listening_again:
+                    return
 
     async def release(self) -> None:
         """Give up every lease this committer holds (on a graceful stop)."""

@@ -6,6 +6,7 @@ trip carries a whole batch; the rest use the Core tables of ``outbox.schema``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from outbox.errors import ConfigurationError, DatabaseUnavailable, SchemaNotMigr
 from outbox.schema import lane, stream
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import AsyncIterator, Callable, Iterable, Sequence
     from types import TracebackType
 
 __all__ = (
@@ -689,6 +690,24 @@ class OutboxStore:
                     "retry_in": retry_in,
                 },
             )
+
+    @contextlib.asynccontextmanager
+    async def listen_resolved(self, callback: Callable[[], None]) -> AsyncIterator[None]:
+        """Call ``callback()`` whenever a transaction resolves the next event of some lane,
+        while the context is open (``LISTEN`` on a connection of its own)."""
+        async with self.engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert raw is not None
+
+            def on_notify(*_: object) -> None:
+                callback()
+
+            await raw.add_listener(NOTIFY_CHANNEL, on_notify)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(Exception):
+                    await raw.remove_listener(NOTIFY_CHANNEL, on_notify)
 
     async def release_leases(self, owner: str) -> None:
         async with self.engine.begin() as conn:
