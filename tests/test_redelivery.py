@@ -4,8 +4,7 @@ rejected an event never gets it again, and its records are stored once."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Hashable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import sqlalchemy as sa
 
@@ -18,6 +17,9 @@ from outbox import (
     TriggerEvent,
 )
 from tests.streams import Gate, StreamTrigger, records, wait_until
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Hashable, Sequence
 
 
 class FedProducer(SharedStreamProducer):
