@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import sys
 from typing import TYPE_CHECKING
 
-from outbox.errors import OutboxError
+from outbox.errors import ConfigurationError, OutboxError
 from outbox.store import redact_url
 
 if TYPE_CHECKING:
@@ -123,43 +122,58 @@ async def _committer(args: argparse.Namespace) -> None:
     modules = args.allowed_modules or [
         m for m in os.environ.get("OUTBOX_ALLOWED_MODULES", "").split(",") if m
     ]
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     store = OutboxStore.from_url(args.database_url)
     try:
+        try:
+            committer = LaneCommitter(
+                store,
+                allowed_modules=modules,
+                batch_size=int(args.batch_size),
+                poll_interval=float(args.poll_interval),
+                lease_seconds=float(args.lease_seconds),
+            )
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
         await store.check_schema()
-        committer = LaneCommitter(
-            store,
-            allowed_modules=modules,
-            batch_size=int(args.batch_size),
-            poll_interval=float(args.poll_interval),
-            lease_seconds=float(args.lease_seconds),
-        )
-        loop = asyncio.get_running_loop()
-        runner = asyncio.current_task()
-        assert runner is not None
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         task = loop.create_task(committer.run())
         log.info("committer started", extra={"owner": committer.owner})
-        await stop.wait()
-        log.info("committer stopping")
-        # The lock is held for a whole pass: an advance in flight finishes first.
-        async with committer._lock:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await committer.release()
+        stopped = loop.create_task(stop.wait())
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        log.info("committer stopping", extra={"owner": committer.owner})
+        committer.request_stop()  # the pass in flight, and its advance, finish first
+        stopped.cancel()
+        await task
     finally:
         await store.aclose()
+
+
+class _StructuredFormatter(logging.Formatter):
+    """``time level logger message key=value ...``: the record's extra fields, greppable."""
+
+    _standard = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+        "message",
+        "asctime",
+        "taskName",
+    }
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = " ".join(
+            f"{key}={value!r}" for key, value in vars(record).items() if key not in self._standard
+        )
+        return f"{line} {extras}" if extras else line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(_StructuredFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     if not args.verbose:
         logging.getLogger("alembic").setLevel(logging.WARNING)
     try:

@@ -85,6 +85,8 @@ class LaneCommitter:
         self._lock = asyncio.Lock()
         self.passes = 0
         self.listening = False
+        self._wakeup = asyncio.Event()
+        self._stopping = False
 
     # -- producers handed in by an in-process manager ------------------------------------------
 
@@ -165,38 +167,46 @@ class LaneCommitter:
             total += advanced
 
     async def run(self) -> None:
-        """Run passes until cancelled: when a lane's next event resolves (``LISTEN``), and
-        every ``poll_interval`` seconds (lease expiries, retries, timeouts, a lost listener)."""
-        wakeup = asyncio.Event()
+        """Run passes until ``request_stop()`` (then finish the pass in flight and release the
+        leases) or cancellation: when a lane's next event resolves (``LISTEN``), and every
+        ``poll_interval`` seconds (lease expiries, retries, timeouts, a lost listener)."""
         try:
-            while True:
+            while not self._stopping:
                 try:
-                    async with self._store.listen_resolved(wakeup.set):
+                    async with self._store.listen_resolved(self._wakeup.set):
                         self.listening = True
-                        await self._passes(wakeup)
+                        await self._passes()
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     self.listening = False
                     log.warning("committer cannot listen for resolutions (%s); polling", exc)
-                    await self._passes(wakeup, until_listening_again=True)
+                    await self._passes(until_listening_again=True)
+            await self.release()
         finally:
             self.listening = False
             for stream_id in list(self._rebuilt):
                 await self._discard_rebuilt(stream_id)
 
-    async def _passes(self, wakeup: asyncio.Event, *, until_listening_again: bool = False) -> None:
-        while True:
-            wakeup.clear()
+    def request_stop(self) -> None:
+        """Make ``run()`` return after the pass in flight (its advance finishes first)."""
+        self._stopping = True
+        self._wakeup.set()
+
+    async def _passes(self, *, until_listening_again: bool = False) -> None:
+        while not self._stopping:
+            self._wakeup.clear()
             try:
-                while await self.run_once():
+                while await self.run_once() and not self._stopping:
                     pass
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("committer pass failed")
+            if self._stopping:
+                return
             try:
-                await asyncio.wait_for(wakeup.wait(), self.poll_interval)
+                await asyncio.wait_for(self._wakeup.wait(), self.poll_interval)
             except TimeoutError:
                 if until_listening_again:
                     return
