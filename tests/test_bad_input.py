@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Hashable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pytest
 
 from outbox import OutboxStore, SharedStreamManager, SharedStreamProducer, TriggerEvent
 from tests.streams import RecordingProducer, StreamTrigger, collect, wait_until
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Hashable
 
 
 class OtherTrigger(StreamTrigger):
