@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.resources
-import inspect
 import os
 import socket
 import subprocess
@@ -56,12 +55,6 @@ else:
     )
 
 postgresql = factories.postgresql("postgresql_server")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
-            item.add_marker(pytest.mark.anyio)
 
 
 @pytest.fixture
