@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
-import time
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -13,6 +11,7 @@ import sqlalchemy as sa
 from outbox import AdvanceItem, AdvanceOutcome, LaneCommitter, OutboxStore, SharedStreamProducer
 from outbox.core import canonical_json
 from outbox.store import EventToRecord, ResolutionRow
+from tests.polling import eventually
 from tests.streams import wait_until
 
 if TYPE_CHECKING:
@@ -87,16 +86,9 @@ async def resolve(
 
 
 async def advance_when_due(lanes: LaneCommitter, within: float = 10.0) -> int:
-    """Run passes until one advances something, failing after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    for _ in itertools.count():
-        advanced = await lanes.run_once()
-        if advanced:
-            return advanced
-        if time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.02)
-    raise AssertionError("nothing was advanced before the deadline")
+    """Run passes until one advances something (a lease or retry comes due by the database
+    clock), failing after ``within`` seconds."""
+    return await eventually(lanes.run_once, within=within, interval=0.02)
 
 
 def committer(store: OutboxStore, producer: SharedStreamProducer, **options: Any) -> LaneCommitter:

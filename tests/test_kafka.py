@@ -26,6 +26,7 @@ from outbox.kafka import (
     KafkaSharedTrigger,
     RoutingPolicy,
 )
+from tests.polling import eventually
 from tests.streams import wait_until
 
 if TYPE_CHECKING:
@@ -270,9 +271,7 @@ async def test_end_to_end_commits_each_partition_and_dead_letters_rejects(
         async def all_committed() -> bool:
             return await committed(kafka_bootstrap, group, topic, 3) == counts
 
-        async with asyncio.timeout(30):
-            while not await all_committed():
-                await asyncio.sleep(0.1)
+        await eventually(all_committed)
         for task in tasks:
             task.cancel()
     dead = await read_all(kafka_bootstrap, dlq, 9)
