@@ -2,7 +2,9 @@
 
 Work is submitted without waiting; one task takes everything queued (up to ``max_batch``
 items), commits it in one transaction, then runs each item's callback in submission order. While
-a transaction is in flight the next batch gathers, so the batch size follows the load.
+a transaction is in flight the next batch gathers, so the batch size follows the load. A large
+batch of resolutions is cut by event into up to ``parallel`` transactions committed concurrently
+(Postgres then works on them on several cores); an item still commits in exactly one transaction.
 """
 
 from __future__ import annotations
@@ -63,9 +65,13 @@ class Writer:
         max_batch: int = 4000,
         outage_limit: float = 60.0,
         on_commit: Callable[[], None] | None = None,
+        parallel: int = 2,
+        min_split: int = 500,
     ) -> None:
         self._store = store
         self._max_batch = max_batch
+        self._parallel = max(1, parallel)
+        self._min_split = max(1, min_split)
         self._outage_limit = outage_limit
         self._on_commit = on_commit
         self._queue: deque[_Item] = deque()
@@ -131,15 +137,53 @@ class Writer:
             batch: list[_Item] = []
             while self._queue and len(batch) < self._max_batch:
                 batch.append(self._queue.popleft())
-            await self._commit_with_retry(batch)
+            parts = self._partition(batch)
+            if len(parts) == 1:
+                results = await self._commit_with_retry(batch)
+            else:
+                # Disjoint sets of events, so the transactions touch disjoint rows; each item
+                # still commits in exactly one transaction. Callbacks wait for all of them.
+                done = await asyncio.gather(
+                    *(self._commit_with_retry([batch[i] for i in part]) for part in parts)
+                )
+                results = [None] * len(batch)
+                for part, part_results in zip(parts, done, strict=True):
+                    for i, result in zip(part, part_results, strict=True):
+                        results[i] = result
+            self._finish(batch, results)
 
-    async def _commit_with_retry(self, batch: list[_Item]) -> None:
+    def _partition(self, batch: list[_Item]) -> list[list[int]]:
+        """Split a large batch into up to ``parallel`` groups of item indexes, one transaction
+        each, run concurrently. Resolutions are cut by contiguous event-id ranges, so every
+        resolution of one event (and so every contender for one delivery) stays in one group,
+        in submission order; everything that is not a resolution goes to the first group."""
+        n_res = sum(1 for item in batch if item.kind == "resolution")
+        groups = min(self._parallel, n_res // self._min_split)
+        if groups < 2:
+            return [list(range(len(batch)))]
+        per_event: dict[int, int] = {}
+        for item in batch:
+            if item.kind == "resolution":
+                event_id = item.value.event_id
+                per_event[event_id] = per_event.get(event_id, 0) + 1
+        group_of: dict[int, int] = {}
+        seen = 0
+        for event_id in sorted(per_event):
+            group_of[event_id] = min(groups - 1, seen * groups // n_res)
+            seen += per_event[event_id]
+        parts: list[list[int]] = [[] for _ in range(groups)]
+        for i, item in enumerate(batch):
+            parts[group_of[item.value.event_id] if item.kind == "resolution" else 0].append(i)
+        return [part for part in parts if part]
+
+    async def _commit_with_retry(self, batch: list[_Item]) -> list[Any]:
+        """Commit ``batch``; the result of each item, or the exception that failed it."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         attempts = 0
         while True:
             try:
-                results = await self._commit(batch)
+                return await self._commit(batch)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -152,14 +196,10 @@ class Writer:
                 if len(batch) > 1 and not _is_transient(exc):
                     # Isolate the item the database refuses; the others commit.
                     middle = len(batch) // 2
-                    await self._commit_with_retry(batch[:middle])
-                    await self._commit_with_retry(batch[middle:])
-                    return
+                    first = await self._commit_with_retry(batch[:middle])
+                    return first + await self._commit_with_retry(batch[middle:])
                 log.error("outbox write failed: %s", exc)
-                self._finish(batch, [exc] * len(batch))
-                return
-            self._finish(batch, results)
-            return
+                return [exc] * len(batch)
 
     def _finish(self, batch: list[_Item], results: list[Any]) -> None:
         for item, result in zip(batch, results, strict=True):
@@ -193,10 +233,14 @@ class Writer:
             if self._on_commit is not None:
                 self._on_commit()
         results: list[Any] = []
+        decided: set[tuple[int, str]] = set()
         for item in batch:
             if item.kind == "resolution":
                 r: ResolutionRow = item.value
-                results.append((r.event_id, r.subscriber) in won)
+                key = (r.event_id, r.subscriber)
+                # Of two resolutions of one delivery in a batch, only the first can have won.
+                results.append(key in won and key not in decided)
+                decided.add(key)
             elif item.kind == "events":
                 results.append(item.value)
             else:
