@@ -23,6 +23,7 @@ from outbox.protocol import (
     SharedStreamProducer,
     reject_shared_stream_event,
 )
+from outbox.reader import OutboxReader, OutboxRecord
 from outbox.store import OutboxStore
 from outbox.triggers import BaseEventTrigger, TriggerEvent
 
@@ -35,6 +36,8 @@ __all__ = (
     "DatabaseUnavailable",
     "LaneCommitter",
     "OutboxError",
+    "OutboxReader",
+    "OutboxRecord",
     "OutboxStore",
     "SchemaNotMigrated",
     "SharedStreamManager",

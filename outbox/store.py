@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self
 
@@ -40,6 +41,8 @@ __all__ = (
 VERSION_TABLE = "outbox_alembic_version"
 HEAD_REVISION = "0001"
 NOTIFY_CHANNEL = "outbox_resolved"
+RECORDS_CHANNEL = "outbox_records"
+READER_LOCK_CLASS = 0x0B0C
 
 
 def asyncpg_url(url: str) -> str:
@@ -320,6 +323,38 @@ _EXPIRED_PENDING = sa.text(
     ORDER BY e.id
     LIMIT :limit
     """
+)
+
+
+_STREAMS_WITH_UNDISPATCHED = sa.text(
+    """
+    SELECT s.id FROM outbox_stream AS s
+    WHERE (CAST(:keys AS text[]) IS NULL OR s.key = ANY(CAST(:keys AS text[])))
+      AND EXISTS (SELECT 1 FROM outbox_record AS r
+                  WHERE r.stream_id = s.id AND r.dispatched_at IS NULL
+                    AND (CAST(:subscribers AS text[]) IS NULL
+                         OR r.subscriber = ANY(CAST(:subscribers AS text[]))))
+    ORDER BY s.id
+    """
+)
+
+# One reader per stream at a time keeps a stream's records in order across readers.
+_TRY_READER_LOCK = sa.text("SELECT pg_try_advisory_xact_lock(:lock_class, CAST(:stream_id AS int))")
+
+_CLAIM_RECORDS = sa.text(
+    """
+    SELECT id, stream_id, event_id, subscriber, ordinal, payload
+    FROM outbox_record
+    WHERE stream_id = :stream_id AND dispatched_at IS NULL
+      AND (CAST(:subscribers AS text[]) IS NULL OR subscriber = ANY(CAST(:subscribers AS text[])))
+    ORDER BY id
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+    """
+)
+
+_MARK_DISPATCHED = sa.text(
+    "UPDATE outbox_record SET dispatched_at = now() WHERE id = ANY(CAST(:ids AS bigint[]))"
 )
 
 
@@ -692,9 +727,7 @@ class OutboxStore:
             )
 
     @contextlib.asynccontextmanager
-    async def listen_resolved(self, callback: Callable[[], None]) -> AsyncIterator[None]:
-        """Call ``callback()`` whenever a transaction resolves the next event of some lane,
-        while the context is open (``LISTEN`` on a connection of its own)."""
+    async def _listen(self, channel: str, callback: Callable[[], None]) -> AsyncIterator[None]:
         async with self.engine.connect() as conn:
             raw = (await conn.get_raw_connection()).driver_connection
             assert raw is not None
@@ -702,12 +735,21 @@ class OutboxStore:
             def on_notify(*_: object) -> None:
                 callback()
 
-            await raw.add_listener(NOTIFY_CHANNEL, on_notify)
+            await raw.add_listener(channel, on_notify)
             try:
                 yield
             finally:
                 with contextlib.suppress(Exception):
-                    await raw.remove_listener(NOTIFY_CHANNEL, on_notify)
+                    await raw.remove_listener(channel, on_notify)
+
+    def listen_resolved(self, callback: Callable[[], None]) -> AbstractAsyncContextManager[None]:
+        """Call ``callback()`` whenever a transaction resolves the next event of some lane,
+        while the context is open (``LISTEN`` on a connection of its own)."""
+        return self._listen(NOTIFY_CHANNEL, callback)
+
+    def listen_records(self, callback: Callable[[], None]) -> AbstractAsyncContextManager[None]:
+        """Call ``callback()`` whenever a transaction stores trigger events."""
+        return self._listen(RECORDS_CHANNEL, callback)
 
     async def release_leases(self, owner: str) -> None:
         async with self.engine.begin() as conn:
@@ -734,6 +776,37 @@ class OutboxStore:
                 ],
             )
         return len(won)
+
+    # -- the reader -------------------------------------------------------------------------
+
+    async def claim_records(
+        self,
+        conn: AsyncConnection,
+        *,
+        stream_keys: Sequence[str] | None,
+        subscribers: Sequence[str] | None,
+        limit: int,
+    ) -> list[tuple[int, int, int | None, str, int, Any]]:
+        """In the caller's transaction: take the reader lock of the first stream with
+        undispatched records that no other reader holds, and lock its oldest such records."""
+        candidates = await conn.execute(
+            _STREAMS_WITH_UNDISPATCHED, {"keys": stream_keys, "subscribers": subscribers}
+        )
+        for (stream_id,) in candidates.all():
+            if await conn.scalar(
+                _TRY_READER_LOCK, {"lock_class": READER_LOCK_CLASS, "stream_id": stream_id}
+            ):
+                rows = await conn.execute(
+                    _CLAIM_RECORDS,
+                    {"stream_id": stream_id, "subscribers": subscribers, "limit": limit},
+                )
+                claimed = [(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+                if claimed:
+                    return claimed
+        return []
+
+    async def mark_dispatched(self, conn: AsyncConnection, record_ids: Sequence[int]) -> None:
+        await conn.execute(_MARK_DISPATCHED, {"ids": list(record_ids)})
 
 
 def describe_connection_error(engine: AsyncEngine, exc: BaseException) -> str:

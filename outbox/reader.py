@@ -1,0 +1,126 @@
+"""``OutboxReader``: hands stored trigger events to a consumer, exactly once when the consumer
+writes to the same database.
+
+A claim locks a stream (so records of a stream are handed out in record order, one reader at a
+time) and its oldest undispatched records (``FOR UPDATE SKIP LOCKED``) inside the caller's own
+transaction; marking them dispatched in that transaction makes the hand-off and the caller's own
+writes commit, or roll back, together. Several readers share the streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from outbox.core import canonical_json
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from outbox.store import OutboxStore
+
+__all__ = ("OutboxReader", "OutboxRecord")
+
+log = logging.getLogger("outbox.reader")
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRecord:
+    """One stored trigger event."""
+
+    id: int
+    stream_id: int
+    event_id: int | None
+    subscriber: str
+    ordinal: int
+    payload: Any
+
+
+Handler = Callable[["AsyncConnection", list[OutboxRecord]], Awaitable[None]]
+
+
+class OutboxReader:
+    """Claims undispatched outbox records for a consumer.
+
+    :param store: the ``OutboxStore``.
+    :param streams: only records of these stream keys (``shared_stream_key()`` values).
+    :param subscribers: only records of these subscribers (``str(trigger_id)``).
+    :param batch_size: most records one claim returns.
+    :param poll_interval: seconds ``run`` waits for a notification before looking anyway.
+    """
+
+    def __init__(
+        self,
+        store: OutboxStore,
+        *,
+        streams: Sequence[Hashable] | None = None,
+        subscribers: Sequence[str] | None = None,
+        batch_size: int = 100,
+        poll_interval: float = 1.0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
+        self._store = store
+        self._stream_keys = (
+            None if streams is None else [canonical_json(k, what="stream key") for k in streams]
+        )
+        self._subscribers = None if subscribers is None else [str(s) for s in subscribers]
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self._wakeup = asyncio.Event()
+
+    async def claim(self, conn: AsyncConnection, *, limit: int | None = None) -> list[OutboxRecord]:
+        """Lock and return the oldest undispatched records of one stream that no other reader
+        holds, in record order, within the caller's transaction on ``conn``."""
+        rows = await self._store.claim_records(
+            conn,
+            stream_keys=self._stream_keys,
+            subscribers=self._subscribers,
+            limit=limit or self.batch_size,
+        )
+        return [OutboxRecord(*row) for row in rows]
+
+    async def mark_dispatched(self, conn: AsyncConnection, records: Sequence[OutboxRecord]) -> None:
+        """Mark ``records`` dispatched in the caller's transaction on ``conn``."""
+        await self._store.mark_dispatched(conn, [r.id for r in records])
+
+    async def process(self, handler: Handler, *, limit: int | None = None) -> int:
+        """One transaction: claim, ``await handler(conn, records)``, mark dispatched, commit.
+        If the handler raises, nothing is marked and its writes roll back. Returns how many
+        records were handed over."""
+        async with self._store.engine.begin() as conn:
+            records = await self.claim(conn, limit=limit)
+            if not records:
+                return 0
+            await handler(conn, records)
+            await self.mark_dispatched(conn, records)
+        return len(records)
+
+    async def run(self, handler: Handler) -> None:
+        """Hand records to ``handler`` until cancelled, waking on new records (``LISTEN``) and
+        every ``poll_interval`` seconds. An exception from ``handler`` ends ``run``."""
+        async with self._listening():
+            while True:
+                self._wakeup.clear()
+                while await self.process(handler):
+                    pass
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), self.poll_interval)
+
+    @contextlib.asynccontextmanager
+    async def _listening(self) -> AsyncIterator[None]:
+        try:
+            listener = self._store.listen_records(self._wakeup.set)
+            await listener.__aenter__()
+        except Exception as exc:
+            log.warning("outbox reader cannot listen for new records (%s); polling", exc)
+            yield
+            return
+        try:
+            yield
+        finally:
+            await listener.__aexit__(None, None, None)
