@@ -9,10 +9,13 @@ Holding: a message that is held (by default: one a subscriber failed, or that no
 subscribed to) is not committed past. Later messages of its partition are still handled, but the
 partition's committed offset stays at the held message until the consumer reads it again on its
 next start; then the batch that re-handles it starts at the committed offset and commits move on.
-Because that rule reads the committed offset from Kafka, it survives a restart of the committer:
-an ``advance`` whose batch starts after the partition's committed offset never commits (the
-partition is held below it). Topics with offset gaps (compaction, transactions) need
-``contiguous_offsets=False``, which keeps holds in memory only.
+An ``advance`` walks its batch from the partition's committed offset, as read from Kafka: the
+message at the committed offset moves it on unless it is held, messages behind it (read again
+after a restart, which can follow later ones in a batch) are already past, and messages beyond
+it do not move it, since one before them is held. So holds survive a restart of the committer,
+and a batch that ends with messages read again still commits through the newest one. Topics
+with offset gaps (compaction, transactions) need ``contiguous_offsets=False``, which commits
+past each batch's highest offset and keeps holds in memory only.
 """
 
 from __future__ import annotations
@@ -318,32 +321,66 @@ class KafkaSharedStreamProducer(SharedStreamProducer):
                 if is_dead
             ]
             await asyncio.gather(*deliveries)  # every dead letter is stored before the commit
-        held = next(
-            (
-                item.broker_payload["offset"]
-                for item, route in zip(batch, routes, strict=True)
-                if route == "hold"
-            ),
-            None,
-        )
-        target = held if held is not None else batch[-1].broker_payload["offset"] + 1
+        offsets = [int(item.broker_payload["offset"]) for item in batch]
         consumer = await self._commit_client(tp)
         committed = await consumer.committed(tp)
-        memory_hold = self._holds.get(tp)
-        if memory_hold is not None and first["offset"] > memory_hold:
-            target = min(target, memory_hold)
-        if self.contiguous_offsets and committed is not None and first["offset"] > committed:
-            # Messages between the committed offset and this batch were handled without being
-            # committed past: one of them is held until it is read again.
-            target = min(target, committed)
+        if self.contiguous_offsets:
+            target, held = self._contiguous_target(offsets, routes, committed)
+        else:
+            target, held = self._remembered_target(tp, offsets, routes)
         if held is not None:
-            self._holds[tp] = min(held, self._holds.get(tp, held))
             log.info("Kafka partition held", extra={"lane": lane, "offset": held})
-        elif memory_hold is not None and first["offset"] <= memory_hold:
-            self._holds.pop(tp, None)
         if committed is None or target > committed:
             await consumer.commit({tp: target})
+            await self.on_commit(tp.topic, tp.partition, target, committed)
         self._guard.record(lane, dead)
+
+    @staticmethod
+    def _contiguous_target(
+        offsets: Sequence[int], routes: Sequence[str], committed: int | None
+    ) -> tuple[int, int | None]:
+        """Walk the batch from the committed offset: a message at the frontier that is not
+        held moves it on; one that is held stops it there; messages behind it (read again
+        after a restart, possibly after later ones) are already past; messages beyond it
+        were handled while an earlier message was held, and are passed again once the
+        consumer reads the partition again from the hold. Returns ``(target, held)``."""
+        frontier = offsets[0] if committed is None else committed
+        held: int | None = None
+        for offset, route in zip(offsets, routes, strict=True):
+            if offset != frontier:
+                continue
+            if route == "hold":
+                held = offset
+                continue
+            frontier += 1
+            held = None
+        return frontier, held
+
+    def _remembered_target(
+        self, tp: TopicPartition, offsets: Sequence[int], routes: Sequence[str]
+    ) -> tuple[int, int | None]:
+        """Without contiguous offsets: past the highest offset of the batch, or up to its
+        lowest held one, and never past a hold remembered from an earlier batch until that
+        message is handled again."""
+        held_offsets = [o for o, r in zip(offsets, routes, strict=True) if r == "hold"]
+        remembered = self._holds.get(tp)
+        if remembered is not None and any(
+            o == remembered and r != "hold" for o, r in zip(offsets, routes, strict=True)
+        ):
+            remembered = None  # read again and handled this time
+        holds = [*held_offsets, *([remembered] if remembered is not None else [])]
+        if holds:
+            self._holds[tp] = min(holds)
+            return min(holds), min(held_offsets) if held_offsets else None
+        self._holds.pop(tp, None)
+        return max(offsets) + 1, None
+
+    async def on_commit(
+        self, topic: str, partition: int, offset: int, previous: int | None
+    ) -> None:
+        """Called after each offset commit this producer makes (``previous``: the committed
+        offset it read before). Default: nothing; override it to audit or meter commits.
+        An exception fails the ``advance``, which is retried."""
 
     @staticmethod
     def _dead_letter_headers(
