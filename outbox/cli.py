@@ -98,6 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between passes when nothing wakes the committer",
     )
     committer.add_argument(
+        "--metrics-port",
+        type=int,
+        action=_EnvDefault,
+        envvar="OUTBOX_METRICS_PORT",
+        default=None,
+        help="serve Prometheus metrics on this port",
+    )
+    committer.add_argument(
+        "--prune-retention",
+        type=_duration,
+        action=_EnvDefault,
+        envvar="OUTBOX_PRUNE_RETENTION",
+        default=None,
+        help="also prune advanced events and dispatched records older than this (e.g. 7d)",
+    )
+    committer.add_argument(
         "--lease-seconds",
         type=float,
         action=_EnvDefault,
@@ -105,7 +121,67 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="how long a lane lease lasts",
     )
+
+    status = commands.add_parser(
+        "status", help="show each stream and lane: cursor, backlog, stalls"
+    )
+    _database_flag(status)
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    prune = commands.add_parser(
+        "prune", help="delete advanced events and dispatched records older than a retention"
+    )
+    _database_flag(prune)
+    prune.add_argument(
+        "--retention",
+        type=_duration,
+        action=_EnvDefault,
+        envvar="OUTBOX_PRUNE_RETENTION",
+        required=True,
+        help="keep what is younger than this: seconds, or 90s, 15m, 12h, 7d; "
+        "keep it longer than the broker's redelivery horizon",
+    )
+    prune.add_argument("--batch-size", type=int, default=1000, help="rows per transaction")
     return parser
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    """Seconds from ``3600``, ``90s``, ``15m``, ``12h`` or ``7d``."""
+    text = str(text).strip()
+    unit = _UNITS.get(text[-1:].lower())
+    try:
+        value = float(text[:-1]) if unit else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration; use seconds or a number with s, m, h or d"
+        ) from None
+    return value * (unit or 1)
+
+
+async def _status(args: argparse.Namespace) -> None:
+    from outbox.status import print_status
+
+    await print_status(args.database_url, as_json=args.json)
+
+
+async def _prune(args: argparse.Namespace) -> None:
+    from outbox.store import OutboxStore
+
+    async with OutboxStore.from_url(args.database_url) as store:
+        await store.check_schema()
+        records = events = 0
+        while True:
+            pruned_records, pruned_events = await store.prune(
+                float(args.retention), batch=args.batch_size
+            )
+            records += pruned_records
+            events += pruned_events
+            if not pruned_records and not pruned_events:
+                break
+    print(f"pruned {events} events and {records} dispatched records")
 
 
 async def _migrate(url: str, revision: str) -> None:
@@ -128,6 +204,11 @@ async def _committer(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     store = OutboxStore.from_url(args.database_url)
     try:
+        metrics = None
+        if args.metrics_port is not None:
+            from outbox.metrics import CommitterMetrics
+
+            metrics = CommitterMetrics()
         try:
             committer = LaneCommitter(
                 store,
@@ -135,10 +216,22 @@ async def _committer(args: argparse.Namespace) -> None:
                 batch_size=int(args.batch_size),
                 poll_interval=float(args.poll_interval),
                 lease_seconds=float(args.lease_seconds),
+                metrics=metrics,
+                prune_retention=(
+                    None if args.prune_retention is None else _duration(args.prune_retention)
+                ),
             )
-        except ValueError as exc:
+        except (ValueError, argparse.ArgumentTypeError) as exc:
             raise ConfigurationError(str(exc)) from None
         await store.check_schema()
+        if metrics is not None:
+            try:
+                metrics.serve(int(args.metrics_port))
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"cannot serve metrics on port {args.metrics_port} ({exc}); "
+                    "pick a free --metrics-port"
+                ) from None
         task = loop.create_task(committer.run())
         log.info("committer started", extra={"owner": committer.owner})
         stopped = loop.create_task(stop.wait())
@@ -181,6 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_migrate(args.database_url, args.revision))
         elif args.command == "committer":
             asyncio.run(_committer(args))
+        elif args.command == "status":
+            asyncio.run(_status(args))
+        elif args.command == "prune":
+            asyncio.run(_prune(args))
     except OutboxError as exc:
         print(f"outbox {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from outbox.errors import ConfigurationError
 from outbox.protocol import AdvanceItem, AdvanceOutcome, SharedStreamProducer
 
 if TYPE_CHECKING:
+    from outbox.metrics import CommitterMetrics
     from outbox.store import LaneLease, OutboxStore
 
 __all__ = ("LaneCommitter",)
@@ -45,6 +47,11 @@ class LaneCommitter:
     :param poll_interval: seconds between passes when nothing wakes the committer.
     :param sweep_timeouts: fail deliveries past their stream's ack timeout (database clock); an
         in-process committer leaves that to its manager.
+    :param metrics: ``CommitterMetrics`` to count advances in and refresh from the database.
+    :param prune_retention: when set, ``run()`` also deletes advanced events and dispatched
+        records older than this many seconds, a batch at a time (keep it longer than the
+        broker's redelivery horizon: deduplication needs the events).
+    :param housekeeping_interval: seconds between metric refreshes and prune batches.
     """
 
     def __init__(
@@ -61,6 +68,9 @@ class LaneCommitter:
         retry_base: float = 0.5,
         retry_cap: float = 60.0,
         owner: str | None = None,
+        metrics: CommitterMetrics | None = None,
+        prune_retention: float | None = None,
+        housekeeping_interval: float = 15.0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
@@ -87,6 +97,10 @@ class LaneCommitter:
         self.listening = False
         self._wakeup = asyncio.Event()
         self._stopping = False
+        self.metrics = metrics
+        self.prune_retention = prune_retention
+        self.housekeeping_interval = housekeeping_interval
+        self._next_housekeeping = 0.0
 
     # -- producers handed in by an in-process manager ------------------------------------------
 
@@ -199,6 +213,7 @@ class LaneCommitter:
             try:
                 while await self.run_once() and not self._stopping:
                     pass
+                await self._housekeeping()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -210,6 +225,19 @@ class LaneCommitter:
             except TimeoutError:
                 if until_listening_again:
                     return
+
+    async def _housekeeping(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if now < self._next_housekeeping:
+            return
+        self._next_housekeeping = now + self.housekeeping_interval
+        if self.prune_retention is not None:
+            records, events = await self._store.prune(self.prune_retention)
+            if records or events:
+                log.info("pruned", extra={"records": records, "events": events})
+                self._next_housekeeping = now  # more may be due: another batch next time
+        if self.metrics is not None:
+            await self.metrics.refresh(self._store)
 
     async def release(self) -> None:
         """Give up every lease this committer holds (on a graceful stop)."""
@@ -228,6 +256,7 @@ class LaneCommitter:
         prefix = contiguous_resolved_prefix(events, lease.advanced_through)
         if not prefix:
             return 0
+        started = time.perf_counter()
         try:
             batch = [
                 AdvanceItem(
@@ -238,6 +267,8 @@ class LaneCommitter:
             ]
             await producer.advance(batch)
         except Exception as exc:
+            if self.metrics is not None:
+                self.metrics.failed(time.perf_counter() - started)
             log.error(
                 "Producer advance raised; lane stays unadvanced and will be retried",
                 exc_info=exc,
@@ -250,6 +281,8 @@ class LaneCommitter:
             await self._failed(lease, f"{type(exc).__name__}: {exc}")
             await self._discard_rebuilt(lease.stream_id)
             return 0
+        if self.metrics is not None:
+            self.metrics.advanced([item.outcome for item in batch], time.perf_counter() - started)
         if not await self._store.move_cursor(lease, self.owner, prefix[-1].position):
             log.warning(
                 "lane lease lost during advance; the next holder advances the batch again",

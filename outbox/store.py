@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = (
     "HEAD_REVISION",
+    "LaneStatus",
     "VERSION_TABLE",
     "EventToRecord",
     "LaneLease",
@@ -356,6 +357,69 @@ _CLAIM_RECORDS = sa.text(
 _MARK_DISPATCHED = sa.text(
     "UPDATE outbox_record SET dispatched_at = now() WHERE id = ANY(CAST(:ids AS bigint[]))"
 )
+
+
+_LANE_STATUS = sa.text(
+    """
+    SELECT s.key, l.lane_key, l.advanced_through, l.next_position - 1,
+           (SELECT count(*) FROM outbox_event AS e
+            WHERE e.lane_id = l.id AND e.position > l.advanced_through AND e.pending = 0),
+           (SELECT count(*) FROM outbox_event AS e WHERE e.lane_id = l.id AND e.pending > 0),
+           (SELECT extract(epoch FROM now() - min(e.created_at)) FROM outbox_event AS e
+            WHERE e.lane_id = l.id AND e.pending > 0),
+           l.lease_owner, l.attempts, l.last_error,
+           extract(epoch FROM now() - l.stalled_since)
+    FROM outbox_lane AS l JOIN outbox_stream AS s ON s.id = l.stream_id
+    ORDER BY s.key, l.lane_key
+    """
+)
+
+_UNDISPATCHED = sa.text(
+    """
+    SELECT s.key, count(r.id)
+    FROM outbox_stream AS s
+    LEFT JOIN outbox_record AS r ON r.stream_id = s.id AND r.dispatched_at IS NULL
+    GROUP BY s.key ORDER BY s.key
+    """
+)
+
+_PRUNE_RECORDS = sa.text(
+    """
+    DELETE FROM outbox_record WHERE id IN (
+        SELECT id FROM outbox_record
+        WHERE dispatched_at < now() - make_interval(secs => :retention)
+        ORDER BY id LIMIT :batch FOR UPDATE SKIP LOCKED)
+    """
+)
+
+# Advanced: at or behind its lane's cursor. Deliveries go with the event (cascade);
+# undispatched records stay, detached from it.
+_PRUNE_EVENTS = sa.text(
+    """
+    DELETE FROM outbox_event WHERE id IN (
+        SELECT e.id FROM outbox_event AS e JOIN outbox_lane AS l ON l.id = e.lane_id
+        WHERE e.position <= l.advanced_through
+          AND e.created_at < now() - make_interval(secs => :retention)
+        ORDER BY e.id LIMIT :batch FOR UPDATE OF e SKIP LOCKED)
+    """
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LaneStatus:
+    """One lane as ``outbox status`` shows it."""
+
+    stream: str
+    lane: str
+    advanced_through: int
+    last_position: int
+    resolved_unadvanced: int
+    unresolved: int
+    oldest_pending_seconds: float | None
+    lease_owner: str | None
+    attempts: int
+    last_error: str | None
+    stalled_seconds: float | None
 
 
 class OutboxStore:
@@ -807,6 +871,43 @@ class OutboxStore:
 
     async def mark_dispatched(self, conn: AsyncConnection, record_ids: Sequence[int]) -> None:
         await conn.execute(_MARK_DISPATCHED, {"ids": list(record_ids)})
+
+    # -- operations -------------------------------------------------------------------------
+
+    async def lane_status(self) -> list[LaneStatus]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(_LANE_STATUS)
+            return [
+                LaneStatus(
+                    stream=r[0],
+                    lane=r[1],
+                    advanced_through=r[2],
+                    last_position=r[3],
+                    resolved_unadvanced=r[4],
+                    unresolved=r[5],
+                    oldest_pending_seconds=None if r[6] is None else float(r[6]),
+                    lease_owner=r[7],
+                    attempts=r[8],
+                    last_error=r[9],
+                    stalled_seconds=None if r[10] is None else float(r[10]),
+                )
+                for r in rows
+            ]
+
+    async def undispatched(self) -> dict[str, int]:
+        """Undispatched outbox records per stream key."""
+        async with self.engine.connect() as conn:
+            return {r[0]: r[1] for r in await conn.execute(_UNDISPATCHED)}
+
+    async def prune(self, retention: float, *, batch: int = 1000) -> tuple[int, int]:
+        """Delete one batch of dispatched records and one of advanced events older than
+        ``retention`` seconds (each in its own short transaction); returns how many of each."""
+        params = {"retention": retention, "batch": batch}
+        async with self.engine.begin() as conn:
+            records = (await conn.execute(_PRUNE_RECORDS, params)).rowcount
+        async with self.engine.begin() as conn:
+            events = (await conn.execute(_PRUNE_EVENTS, params)).rowcount
+        return records, events
 
 
 def describe_connection_error(engine: AsyncEngine, exc: BaseException) -> str:
