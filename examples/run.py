@@ -36,7 +36,7 @@ async def _until(condition: Callable[[], bool], within: float = 30.0) -> None:
 
 async def _drain(stream: AsyncIterator[TriggerEvent], into: list[Any]) -> None:
     async for event in stream:
-        into.append(event.payload)  # noqa: PERF401 - counted while it runs
+        into.append(event.payload)
 
 
 async def _stored(store: OutboxStore) -> Counter[str]:
