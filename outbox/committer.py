@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from outbox.core import backoff_delay, canonical_json, contiguous_resolved_prefix
 from outbox.errors import ConfigurationError
+from outbox.interop import adapt_producer
 from outbox.protocol import AdvanceItem, AdvanceOutcome, SharedStreamProducer
 
 if TYPE_CHECKING:
@@ -123,7 +124,9 @@ class LaneCommitter:
         key_json, class_path, kwargs = await self._store.stream_builder(stream_id)
         source = self._by_key.get(key_json)
         if source is not None:
-            producer = source if isinstance(source, SharedStreamProducer) else source()
+            producer = adapt_producer(
+                source if isinstance(source, SharedStreamProducer) else source()
+            )
         else:
             producer = self._rebuild(key_json, class_path, kwargs)
         self._rebuilt[stream_id] = producer
@@ -147,7 +150,7 @@ class LaneCommitter:
                 f"stream {key_json}: cannot import trigger class {class_path} ({exc}); install "
                 "the package that defines it where the committer runs"
             ) from None
-        return trigger_class.create_shared_stream_producer(kwargs)  # type: ignore[no-any-return]
+        return adapt_producer(trigger_class.create_shared_stream_producer(kwargs))
 
     async def _discard_rebuilt(self, stream_id: int) -> None:
         producer = self._rebuilt.pop(stream_id, None)

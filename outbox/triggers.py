@@ -72,10 +72,13 @@ class BaseEventTrigger(ABC):
         )
 
 
-def is_ack_mode(trigger_class: type[BaseEventTrigger]) -> bool:
-    """True when a class before ``BaseEventTrigger`` in the MRO overrides the producer factory."""
+def is_ack_mode(trigger_class: type) -> bool:
+    """True when a class before ``BaseEventTrigger`` (outbox's or Airflow's) in the MRO
+    overrides the producer factory."""
+    from outbox.interop import is_base_event_trigger
+
     for klass in trigger_class.__mro__:
-        if klass is BaseEventTrigger:
+        if is_base_event_trigger(klass):
             return False
         if "create_shared_stream_producer" in vars(klass):
             return True
