@@ -124,16 +124,46 @@ _ALLOCATE_POSITIONS = sa.text(
     """
 )
 
+
+# The hot statements take their integer and short-text columns as one text parameter each (see
+# ``_ints`` and ``_texts``): asyncpg encodes a list parameter element by element, which costs more
+# Python time than the statement costs the server. Raw events and payloads stay text arrays.
+def _int_array(param: str, sql_type: str = "bigint") -> str:
+    return f"CAST(string_to_array(:{param}, ',') AS {sql_type}[])"
+
+
+def _text_array(param: str) -> str:
+    return (
+        f"ARRAY(SELECT t FROM jsonb_array_elements_text(CAST(:{param} AS jsonb))"
+        " WITH ORDINALITY AS a(t, i) ORDER BY i)"
+    )
+
+
+def _ints(values: Iterable[int]) -> str:
+    """An integer column for ``_int_array``."""
+    return ",".join(map(str, values))
+
+
+def _texts(values: Sequence[str | None]) -> str:
+    """A text column (``None`` for NULL) for ``_text_array``."""
+    return json.dumps(values, separators=(",", ":"))
+
+
+def _count(states: dict[str, str], state: str) -> int:
+    return sum(1 for s in states.values() if s == state) if states else 0
+
+
 _INSERT_EVENTS = sa.text(
-    """
+    f"""
     INSERT INTO outbox_event
         (stream_id, lane_id, position, identity, raw, payload, snapshot, pending, acked, rejected)
     SELECT stream_id, lane_id, position, identity, raw::jsonb, payload::jsonb, snapshot::jsonb,
            pending, acked, rejected
-    FROM unnest(CAST(:stream_ids AS bigint[]), CAST(:lane_ids AS bigint[]),
-                CAST(:positions AS bigint[]), CAST(:identities AS text[]), CAST(:raws AS text[]),
-                CAST(:payloads AS text[]), CAST(:snapshots AS text[]), CAST(:pendings AS int[]),
-                CAST(:ackeds AS int[]), CAST(:rejecteds AS int[]))
+    FROM unnest({_int_array("stream_ids")}, {_int_array("lane_ids")},
+                {_int_array("positions")}, {_text_array("identities")}, CAST(:raws AS text[]),
+                CAST(:payloads AS text[]), CAST(:snapshots AS text[]),
+                {_int_array("pendings", "int")}, {_int_array("ackeds", "int")},
+                {_int_array("rejecteds", "int")})
          WITH ORDINALITY AS x(stream_id, lane_id, position, identity, raw, payload, snapshot,
                               pending, acked, rejected, ord)
     ORDER BY ord
@@ -195,8 +225,8 @@ _RESOLVE = sa.text(
     WITH won AS (
         INSERT INTO outbox_delivery (event_id, subscriber, state, reason)
         SELECT event_id, subscriber, state, reason
-        FROM unnest(CAST(:event_ids AS bigint[]), CAST(:subscribers AS text[]),
-                    CAST(:states AS text[]), CAST(:reasons AS text[]))
+        FROM unnest({_int_array("event_ids")}, {_text_array("subscribers")},
+                    {_text_array("states")}, {_text_array("reasons")})
              AS r(event_id, subscriber, state, reason)
         ON CONFLICT (event_id, subscriber) DO NOTHING
         RETURNING event_id, subscriber, state
@@ -204,8 +234,8 @@ _RESOLVE = sa.text(
     stored AS (  -- runs although nothing reads it, as every data-modifying WITH does
         INSERT INTO outbox_record (stream_id, event_id, subscriber, ordinal, payload)
         SELECT x.stream_id, x.event_id, x.subscriber, x.ordinal, x.payload::jsonb
-        FROM unnest(CAST(:rec_stream_ids AS bigint[]), CAST(:rec_event_ids AS bigint[]),
-                    CAST(:rec_subscribers AS text[]), CAST(:rec_ordinals AS int[]),
+        FROM unnest({_int_array("rec_stream_ids")}, {_int_array("rec_event_ids")},
+                    {_text_array("rec_subscribers")}, {_int_array("rec_ordinals", "int")},
                     CAST(:rec_payloads AS text[]))
              AS x(stream_id, event_id, subscriber, ordinal, payload)
         JOIN won ON won.event_id = x.event_id AND won.subscriber = x.subscriber
@@ -619,6 +649,16 @@ class OutboxStore:
                 {"lane_ids": lane_ids, "counts": [counts[i] for i in lane_ids]},
             )
         }
+        snapshots: dict[tuple[str, ...], str] = {}
+
+        def snapshot_json(snapshot: list[str]) -> str:
+            # The events of a batch mostly share one snapshot: serialise it once.
+            key = tuple(snapshot)
+            text = snapshots.get(key)
+            if text is None:
+                text = snapshots[key] = json.dumps(snapshot)
+            return text
+
         positions: list[int] = []
         for item, _ in new_events:
             positions.append(first[item.lane_id])
@@ -626,16 +666,16 @@ class OutboxStore:
         rows = await conn.execute(
             _INSERT_EVENTS,
             {
-                "stream_ids": [e.stream_id for e, _ in new_events],
-                "lane_ids": [e.lane_id for e, _ in new_events],
-                "positions": positions,
-                "identities": [e.identity for e, _ in new_events],
+                "stream_ids": _ints(e.stream_id for e, _ in new_events),
+                "lane_ids": _ints(e.lane_id for e, _ in new_events),
+                "positions": _ints(positions),
+                "identities": _texts([e.identity for e, _ in new_events]),
                 "raws": [e.raw_json for e, _ in new_events],
                 "payloads": [e.payload_json for e, _ in new_events],
-                "snapshots": [json.dumps(e.snapshot) for e, _ in new_events],
-                "pendings": [len(e.deliver_to) for e, _ in new_events],
-                "ackeds": [sum(s == "acked" for s in c.values()) for _, c in new_events],
-                "rejecteds": [sum(s == "rejected" for s in c.values()) for _, c in new_events],
+                "snapshots": [snapshot_json(e.snapshot) for e, _ in new_events],
+                "pendings": _ints(len(e.deliver_to) for e, _ in new_events),
+                "ackeds": _ints(_count(c, "acked") for _, c in new_events),
+                "rejecteds": _ints(_count(c, "rejected") for _, c in new_events),
             },
         )
         ids = [row[0] for row in rows]
@@ -683,14 +723,14 @@ class OutboxStore:
         rows = await conn.execute(
             _RESOLVE,
             {
-                "event_ids": [r.event_id for r in resolutions],
-                "subscribers": [r.subscriber for r in resolutions],
-                "states": [r.state for r in resolutions],
-                "reasons": [r.reason for r in resolutions],
-                "rec_stream_ids": rec_stream_ids,
-                "rec_event_ids": rec_event_ids,
-                "rec_subscribers": rec_subscribers,
-                "rec_ordinals": rec_ordinals,
+                "event_ids": _ints(r.event_id for r in resolutions),
+                "subscribers": _texts([r.subscriber for r in resolutions]),
+                "states": _texts([r.state for r in resolutions]),
+                "reasons": _texts([r.reason for r in resolutions]),
+                "rec_stream_ids": _ints(rec_stream_ids),
+                "rec_event_ids": _ints(rec_event_ids),
+                "rec_subscribers": _texts(rec_subscribers),
+                "rec_ordinals": _ints(rec_ordinals),
                 "rec_payloads": rec_payloads,
             },
         )
