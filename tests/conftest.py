@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import importlib.resources
+import inspect
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +62,32 @@ postgresql = factories.postgresql("postgresql_server")
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+HANG_REPORT_AFTER = 150.0
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
+            item.fixturenames.insert(0, "report_hangs")
+
+
+@pytest.fixture
+async def report_hangs(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """If an async test is still running after ``HANG_REPORT_AFTER`` seconds, print where each
+    of its tasks waits (pytest-timeout ends it later; this says why)."""
+
+    def report() -> None:
+        sys.stderr.write(f"\n--- {request.node.nodeid} still running; its tasks:\n")
+        for task in asyncio.all_tasks():
+            task.print_stack(file=sys.stderr)
+
+    handle = asyncio.get_running_loop().call_later(HANG_REPORT_AFTER, report)
+    try:
+        yield
+    finally:
+        handle.cancel()
 
 
 @pytest.fixture
