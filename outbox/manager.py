@@ -206,6 +206,10 @@ class SharedStreamManager:
             options = {"sweep_timeouts": False, **(committer_options or {})}
             self.committer = LaneCommitter(store, **options)
         self._committer_task: asyncio.Task[None] | None = None
+        # Which stream's producer the in-process committer holds for a stream id: a fresh stream
+        # for a key can start while the old one is still finishing, and the old one must not
+        # take the new producer away.
+        self._committer_producers: dict[int, _Stream] = {}
 
     # -- public API -------------------------------------------------------------------------
 
@@ -327,6 +331,7 @@ class SharedStreamManager:
                 stream.producer = producer
                 if self.committer is not None:
                     self.committer.add_producer(stream.stream_id, producer)
+                    self._committer_producers[stream.stream_id] = stream
                 stream.timeout_task = asyncio.get_running_loop().create_task(
                     self._enforce_timeouts(stream),
                     name=f"shared-stream-ack-timeout[{stream.key!r}]",
@@ -344,6 +349,11 @@ class SharedStreamManager:
             )
         except asyncio.CancelledError:
             cancelled = True
+            # The stop path: this cancellation asked the poll to end, not the finish below to be
+            # skipped (``_await_task`` re-raises while the current task is cancelling).
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
         except Exception as exc:
             error = exc
         finally:
@@ -366,6 +376,13 @@ class SharedStreamManager:
             del self._streams[stream.key]
         for subscriber in stream.subscribers.values():
             subscriber.raw.fail(error)
+        # Nothing this stream fanned out will be finished: fail what is still owed, so the
+        # broker redelivers it and the lanes (which a fresh stream for the key continues) move.
+        reason = f"stream failed: {type(error).__name__}: {error}"
+        for event_id, entry in list(stream.outstanding.items()):
+            for name in sorted(entry.pending):
+                self._write_resolution(stream, name, event_id, FAILED, reason[:500])
+        stream.outstanding.clear()
 
     async def _finish_stream(self, stream: _Stream, source: AsyncIterator[Any] | None) -> None:
         stream.stopping = True
@@ -382,7 +399,9 @@ class SharedStreamManager:
         if stream.producer is not None:
             if self.committer is not None:
                 await self.committer.drain(stream.stream_id)
-                self.committer.remove_producer(stream.stream_id)
+                if self._committer_producers.get(stream.stream_id) is stream:
+                    del self._committer_producers[stream.stream_id]
+                    self.committer.remove_producer(stream.stream_id)
             try:
                 await stream.producer.aclose()
             except Exception:
@@ -481,21 +500,45 @@ class SharedStreamManager:
                 self._fail_stream(stream, result)
             return
         if stream.stopping or stream.terminated:
+            # Nobody will be handed these events any more: fail them now rather than leave them
+            # pending in the outbox, where they would hold up their lanes (a fresh stream for the
+            # key continues the same lanes) until a timeout sweep.
+            reason = (
+                "stream failed before broadcast"
+                if stream.terminated
+                else ("stream stopped before broadcast")
+            )
+            for event in events:
+                for name in event.deliver_to:
+                    self._write_resolution(stream, name, event.event_id, FAILED, reason)
             return
         now = self._now()
         for event, raw in zip(events, raws, strict=True):
             if not event.deliver_to:
                 continue
-            entry = _Outstanding(created_at=now, pending=set())
-            stream.outstanding[event.event_id] = entry
+            # A redelivered identity may reuse an occurrence this stream still tracks.
+            entry = stream.outstanding.get(event.event_id)
+            if entry is None:
+                entry = _Outstanding(created_at=now, pending=set())
+                stream.outstanding[event.event_id] = entry
+            else:
+                entry.created_at = now
+            # The whole snapshot is pending before anyone is handed the event, so that one
+            # subscriber overflowing on it cannot empty (and drop) the entry the others owe.
+            targets: list[_Subscriber] = []
             for name in event.deliver_to:
                 subscriber = stream.subscribers.get(name)
                 if subscriber is None or subscriber.failed:
-                    self._write_resolution(
-                        stream, name, event.event_id, FAILED, "not subscribed at broadcast"
+                    reason = (
+                        "unsubscribed before broadcast"
+                        if subscriber is None
+                        else "subscriber failed before broadcast"
                     )
+                    self._write_resolution(stream, name, event.event_id, FAILED, reason)
                     continue
                 entry.pending.add(name)
+                targets.append(subscriber)
+            for subscriber in targets:
                 if self.overflow == "fail" and subscriber.raw.full():
                     self._force_fail(
                         stream,

@@ -14,6 +14,7 @@ from outbox import (
     AdvanceOutcome,
     BaseEventTrigger,
     OutboxStore,
+    SharedStreamManager,
     SharedStreamProducer,
     TriggerEvent,
     reject_shared_stream_event,
@@ -112,6 +113,8 @@ class StreamTrigger(BaseEventTrigger):
     """
 
     PRODUCERS: ClassVar[dict[str, SharedStreamProducer]] = {}
+    # Checked before PRODUCERS: a factory builds a fresh producer on each call.
+    FACTORIES: ClassVar[dict[str, Callable[[dict[str, Any]], SharedStreamProducer]]] = {}
     factory_calls: ClassVar[list[dict[str, Any]]] = []
 
     def __init__(
@@ -140,6 +143,9 @@ class StreamTrigger(BaseEventTrigger):
     @classmethod
     def create_shared_stream_producer(cls, kwargs: dict[str, Any]) -> SharedStreamProducer:
         cls.factory_calls.append(kwargs)
+        factory = cls.FACTORIES.get(kwargs["name"])
+        if factory is not None:
+            return factory(kwargs)
         return cls.PRODUCERS[kwargs["name"]]
 
     async def filter_shared_stream(
@@ -201,3 +207,236 @@ async def deliveries(store: OutboxStore) -> list[tuple[int, str, str]]:
             )
         )
         return [(r[0], r[1], r[2]) for r in rows]
+
+
+# -- additions for the ported Airflow reference scenarios --------------------------------------
+
+
+class ScriptedProducer(RecordingProducer):
+    """A ``RecordingProducer`` that, after its initial events, yields what the test pushes:
+    ``push(event, payload)``, ``fail(exc)`` (``open_stream`` raises it) or ``finish()``
+    (``open_stream`` returns)."""
+
+    _FINISH: ClassVar[object] = object()
+
+    def __init__(self, events: Sequence[tuple[Any, Any]] = (), **options: Any) -> None:
+        super().__init__(events, **options)
+        self._pushed: asyncio.Queue[Any] = asyncio.Queue()
+
+    def push(self, event: Any, payload: Any) -> None:
+        self._pushed.put_nowait((event, payload))
+
+    def fail(self, error: BaseException) -> None:
+        self._pushed.put_nowait(error)
+
+    def finish(self) -> None:
+        self._pushed.put_nowait(self._FINISH)
+
+    async def open_stream(self) -> AsyncIterator[tuple[Any, Any]]:
+        self.opened += 1
+        for event, payload in self.events:
+            if self.gate is not None:
+                await self.gate.wait()
+            yield event, payload
+        while True:
+            item = await self._pushed.get()
+            if item is self._FINISH:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+if TYPE_CHECKING:
+    Script = Callable[["ScriptedTrigger", AsyncIterator[Any]], AsyncIterator[TriggerEvent]]
+    FastSource = Callable[[dict[str, Any], int], AsyncIterator[Any]]
+
+
+class ScriptedTrigger(StreamTrigger):
+    """A ``StreamTrigger`` whose filter is the async generator function ``script(self, raw)``."""
+
+    def __init__(self, script: Script, *, name: str = "q", region: str | None = None) -> None:
+        super().__init__(name=name, region=region)
+        self.script = script
+
+    async def filter_shared_stream(
+        self, shared_stream: AsyncIterator[Any]
+    ) -> AsyncIterator[TriggerEvent]:
+        async for trigger_event in self.script(self, shared_stream):
+            yield trigger_event
+
+
+class FastTrigger(BaseEventTrigger):
+    """A fast-path trigger (no producer override) fed by ``SOURCES[name](kwargs, invocation)``.
+
+    Its filter is ``StreamTrigger``'s (gate, reject, region), or ``script(self, raw)`` if given.
+    """
+
+    SOURCES: ClassVar[dict[str, FastSource]] = {}
+    invocations: ClassVar[list[int]] = []
+    opened_with: ClassVar[list[dict[str, Any]]] = []
+
+    def __init__(
+        self,
+        *,
+        name: str = "fast",
+        region: str | None = None,
+        gate: Gate | None = None,
+        script: Callable[[FastTrigger, AsyncIterator[Any]], AsyncIterator[TriggerEvent]]
+        | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.region = region
+        self.gate = gate
+        self.script = script
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {"name": self.name, "region": self.region},
+        )
+
+    def shared_stream_key(self) -> Hashable:
+        return ("fast", self.name)
+
+    @classmethod
+    async def open_shared_stream(cls, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
+        invocation = len(cls.invocations)
+        cls.invocations.append(invocation)
+        cls.opened_with.append(dict(kwargs))
+        async for raw in cls.SOURCES[kwargs["name"]](kwargs, invocation):
+            yield raw
+
+    async def filter_shared_stream(
+        self, shared_stream: AsyncIterator[Any]
+    ) -> AsyncIterator[TriggerEvent]:
+        if self.script is not None:
+            async for trigger_event in self.script(self, shared_stream):
+                yield trigger_event
+            return
+        async for raw in shared_stream:
+            if self.gate is not None:
+                await self.gate.hold(raw)
+            if isinstance(raw, dict) and raw.get("reject"):
+                reject_shared_stream_event()
+            if (
+                self.region is not None
+                and isinstance(raw, dict)
+                and raw.get("region") != self.region
+            ):
+                continue
+            yield TriggerEvent(raw)
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        yield TriggerEvent({})
+
+
+def reset_doubles() -> None:
+    """Forget the producers, factories and sources an earlier test registered."""
+    StreamTrigger.PRODUCERS.clear()
+    StreamTrigger.FACTORIES.clear()
+    StreamTrigger.factory_calls.clear()
+    FastTrigger.SOURCES.clear()
+    FastTrigger.invocations.clear()
+    FastTrigger.opened_with.clear()
+
+
+class FakeClock:
+    """A settable clock that counts its readings, so a test can wait for the manager's
+    ack-timeout task to have looked at it (instead of sleeping)."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+        self.readings = 0
+
+    def __call__(self) -> float:
+        self.readings += 1
+        return self.now
+
+    async def passes(self, count: int = 2, within: float = 10.0) -> None:
+        """Wait until the clock was read ``count`` more times (timeout passes ran)."""
+        target = self.readings + count
+        await wait_until(lambda: self.readings >= target, within)
+
+
+class Background:
+    """Consumes a subscriber's iterator in a task, recording payloads and the error (if any)
+    instead of raising; Airflow's ``_consume_in_background``."""
+
+    def __init__(self, stream: AsyncIterator[TriggerEvent]) -> None:
+        self.items: list[Any] = []
+        self.error: BaseException | None = None
+        self.ended = False
+        self.task = asyncio.get_running_loop().create_task(self._run(stream))
+
+    async def _run(self, stream: AsyncIterator[TriggerEvent]) -> None:
+        try:
+            async for event in stream:
+                self.items.append(event.payload)
+        except Exception as exc:
+            self.error = exc
+        self.ended = True
+
+    async def finished(self, within: float = 10.0) -> None:
+        await asyncio.wait_for(asyncio.shield(self.task), within)
+
+
+async def settle(manager: SharedStreamManager) -> None:
+    """Commit everything the manager submitted, then advance everything resolved (in-process
+    committer passes until one advances nothing): after this, what is not advanced is not
+    advanceable."""
+    await asyncio.sleep(0)  # let a scheduled flush of staged events submit them
+    await manager._writer.barrier()
+    committer = manager.committer
+    assert committer is not None
+    while await committer.run_once(stream_ids=committer.local_stream_ids()):
+        pass
+
+
+async def event_rows(store: OutboxStore) -> list[dict[str, Any]]:
+    """Every recorded event with its lane, position, counts and snapshot, in id order."""
+    async with store.engine.connect() as conn:
+        rows = await conn.execute(
+            sa.text(
+                "SELECT e.id, l.lane_key, e.position, e.payload, e.snapshot, e.pending, e.acked,"
+                " e.failed, e.rejected FROM outbox_event e JOIN outbox_lane l ON l.id = e.lane_id"
+                " ORDER BY e.id"
+            )
+        )
+        return [dict(r._mapping) for r in rows]
+
+
+async def delivery_rows(store: OutboxStore) -> list[tuple[Any, str, str, str | None]]:
+    """Every delivery as ``(event payload, subscriber, state, reason)``, by event id, subscriber."""
+    async with store.engine.connect() as conn:
+        rows = await conn.execute(
+            sa.text(
+                "SELECT e.payload, d.subscriber, d.state, d.reason FROM outbox_delivery d "
+                "JOIN outbox_event e ON e.id = d.event_id ORDER BY e.id, d.subscriber"
+            )
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+
+async def record_rows(store: OutboxStore) -> list[tuple[Any, str, int, Any]]:
+    """Every stored trigger event as ``(event payload or None, subscriber, ordinal, payload)``."""
+    async with store.engine.connect() as conn:
+        rows = await conn.execute(
+            sa.text(
+                "SELECT e.payload, r.subscriber, r.ordinal, r.payload FROM outbox_record r "
+                "LEFT JOIN outbox_event e ON e.id = r.event_id ORDER BY r.id"
+            )
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+
+async def lane_rows(store: OutboxStore) -> list[dict[str, Any]]:
+    async with store.engine.connect() as conn:
+        rows = await conn.execute(
+            sa.text(
+                "SELECT lane_key, next_position, advanced_through, attempts, last_error,"
+                " stalled_since FROM outbox_lane ORDER BY lane_key"
+            )
+        )
+        return [dict(r._mapping) for r in rows]
