@@ -1,0 +1,1 @@
+"""Crash tests: a triggerer process killed with SIGKILL and restarted (see ``triggerer``)."""
