@@ -467,3 +467,48 @@ async def test_advance_batches_keep_broker_order(store: OutboxStore) -> None:
         advanced_so_far = max(advanced_so_far, *batch)
         # A commit of batch[-1] + 1 must cover everything advanced on the lane so far.
         assert batch[-1] == advanced_so_far, f"batch ends below an advanced offset: {offsets}"
+
+
+_EXIT_WITHOUT_STOP_ALL = """
+import asyncio, sys
+from outbox import OutboxStore, SharedStreamManager
+from tests.streams import RecordingProducer, StreamTrigger, collect
+
+async def main() -> None:
+    store = OutboxStore.from_url(sys.argv[1])
+    StreamTrigger.PRODUCERS["q"] = RecordingProducer([({"n": i}, f"p{i}") for i in range(3)])
+    manager = SharedStreamManager(store)
+    events = manager.subscribe(trigger_id=1, trigger=StreamTrigger())
+    assert await collect(events, 2) == [{"n": 0}, {"n": 1}]
+    raise SystemExit(7)  # the triggerer's main fails before it could call stop_all
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "outbox bug: when the event loop shuts down with a manager still running (asyncio.run "
+        "cancels every task at once), the poll task's cleanup waits in Writer.barrier() for a "
+        "writer task that was cancelled too, so the process never exits"
+    ),
+)
+async def test_process_exits_when_main_fails_without_stop_all(database_url: str) -> None:
+    """A triggerer whose main coroutine raises must still exit (so it can be restarted)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _EXIT_WITHOUT_STOP_ALL,
+        database_url,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        rc = await asyncio.wait_for(proc.wait(), 10)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError("the process hung in asyncio.run's teardown") from None
+    assert rc == 7
