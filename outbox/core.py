@@ -99,8 +99,9 @@ def plan_redelivery(snapshot: Sequence[str], prior: Iterable[PriorOccurrence]) -
     """Decide who gets an arriving event, so that each (identity, subscriber) that accepted or
     rejected it once never gets it again.
 
-    An occurrence that is not advanced and still owes resolutions is reused (its lane position
-    stays, so it cannot be overtaken); anything else becomes a new occurrence.
+    An occurrence that is not advanced yet is reused: its lane position stays, so the lane keeps
+    the broker's order and nothing overtakes it, and its payload is refreshed. Once advanced, a
+    redelivery becomes a new occurrence at the end of the lane.
     """
     occurrences = sorted(prior, key=lambda o: o.event_id)
     settled: dict[str, str] = {}
@@ -108,9 +109,7 @@ def plan_redelivery(snapshot: Sequence[str], prior: Iterable[PriorOccurrence]) -
         for subscriber, state in occurrence.states.items():
             if state in SETTLED_STATES:
                 settled.setdefault(subscriber, state)
-    open_occurrence = next(
-        (o for o in reversed(occurrences) if not o.advanced and o.pending > 0), None
-    )
+    open_occurrence = next((o for o in reversed(occurrences) if not o.advanced), None)
     if open_occurrence is None:
         carried = {s: settled[s] for s in snapshot if s in settled}
         return RedeliveryPlan(

@@ -156,9 +156,10 @@ def _count(states: dict[str, str], state: str) -> int:
 _INSERT_EVENTS = sa.text(
     f"""
     INSERT INTO outbox_event
-        (stream_id, lane_id, position, identity, raw, payload, snapshot, pending, acked, rejected)
+        (stream_id, lane_id, position, identity, raw, payload, snapshot, pending, acked, rejected,
+         resolved_at)
     SELECT stream_id, lane_id, position, identity, raw::jsonb, payload::jsonb, snapshot::jsonb,
-           pending, acked, rejected
+           pending, acked, rejected, CASE WHEN pending = 0 THEN now() END
     FROM unnest({_int_array("stream_ids")}, {_int_array("lane_ids")},
                 {_int_array("positions")}, {_text_array("identities")}, CAST(:raws AS text[]),
                 CAST(:payloads AS text[]), CAST(:snapshots AS text[]),
@@ -207,6 +208,10 @@ _REOPEN_OCCURRENCE = sa.text(
         failed = failed - (SELECT count(*) FROM reopened)
     WHERE id = :event_id
     """
+)
+
+_REFRESH_PAYLOAD = sa.text(
+    "UPDATE outbox_event SET payload = CAST(:payload AS jsonb) WHERE id = :event_id"
 )
 
 _INSERT_CARRIED = sa.text(
@@ -320,6 +325,10 @@ _MOVE_CURSOR = sa.text(
         retry_at = NULL
     WHERE id = :lane_id AND fencing_token = :token AND lease_owner = :owner
       AND lease_expires_at > now() AND advanced_through = :after
+      -- a redelivery may have re-opened an event of the batch meanwhile: advance it again later
+      AND NOT EXISTS (SELECT 1 FROM outbox_event AS e
+                      WHERE e.lane_id = :lane_id AND e.position > :after
+                        AND e.position <= :through AND e.pending > 0)
     RETURNING id
     """
 )
@@ -586,7 +595,7 @@ class OutboxStore:
                 new_events.append((item, {}))
             else:
                 by_stream.setdefault(item.stream_id, []).append(item)
-        reused_lanes: set[int] = set()
+        aliases: list[tuple[EventToRecord, EventToRecord]] = []
         for stream_id, identified in by_stream.items():
             identities = sorted({e.identity for e in identified if e.identity is not None})
             await conn.execute(
@@ -605,36 +614,35 @@ class OutboxStore:
                         states=json.loads(row[5]),
                     )
                 )
+            new_in_batch: dict[str, EventToRecord] = {}
             for item in identified:
                 assert item.identity is not None
+                first_copy = new_in_batch.get(item.identity)
+                if first_copy is not None:
+                    # Delivered twice in one batch: the first copy reaches everyone already.
+                    item.deliver_to = []
+                    aliases.append((item, first_copy))
+                    continue
                 plan = plan_redelivery(item.snapshot, prior.get(item.identity, ()))
                 item.deliver_to = plan.deliver_to
                 if plan.reuse_event_id is not None:
                     item.event_id = plan.reuse_event_id
+                    refresh = {"event_id": plan.reuse_event_id, "payload": item.payload_json}
                     if plan.deliver_to:
                         await conn.execute(
                             _REOPEN_OCCURRENCE,
                             {
-                                "event_id": plan.reuse_event_id,
-                                "payload": item.payload_json,
+                                **refresh,
                                 "reopen": plan.reopen_failed,
                                 "added": json.dumps(plan.add_to_snapshot),
                             },
                         )
-                        reused_lanes.add(item.lane_id)
+                    else:
+                        await conn.execute(_REFRESH_PAYLOAD, refresh)
                     continue
                 item.snapshot = plan.snapshot
                 new_events.append((item, plan.carried))
-                # A later duplicate in this batch sees this one as an open occurrence.
-                prior.setdefault(item.identity, []).append(
-                    PriorOccurrence(
-                        event_id=-len(new_events),
-                        advanced=False,
-                        pending=len(plan.deliver_to),
-                        snapshot=plan.snapshot,
-                        states=plan.carried,
-                    )
-                )
+                new_in_batch[item.identity] = item
         if not new_events:
             return
         counts: dict[int, int] = {}
@@ -686,6 +694,8 @@ class OutboxStore:
             carried_rows.extend((event_id, s, state) for s, state in carried.items())
             if not item.deliver_to:
                 born_resolved.add(item.lane_id)
+        for duplicate, original in aliases:
+            duplicate.event_id = original.event_id
         if carried_rows:
             await conn.execute(
                 _INSERT_CARRIED,

@@ -126,8 +126,11 @@ class Writer:
 
         self.after_pending(release)
         if self._task is None or self._task.done():
+            self._task = None
             self.start()
-        await done
+        assert self._task is not None
+        # If the writer is cancelled first (the loop shutting down), nothing more commits.
+        await asyncio.wait({done, self._task}, return_when=asyncio.FIRST_COMPLETED)
 
     async def _run(self) -> None:
         while True:

@@ -410,15 +410,6 @@ def _between(first: datetime, moment: float, last: datetime) -> bool:
     return first.timestamp() < moment < last.timestamp()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "outbox bug: a redelivered event whose earlier occurrence is resolved but not yet "
-        "advanced is recorded as a new occurrence at the END of its lane, after offsets the "
-        "broker delivered later, so an advance batch can end below an offset already advanced "
-        "and a cumulative commit of batch[-1] (the seed's Kafka example) leaves it uncommitted"
-    ),
-)
 async def test_advance_batches_keep_broker_order(store: OutboxStore) -> None:
     """Minimal form of the stall the crash test hits with ``--commit-through last``.
 
@@ -486,14 +477,6 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "outbox bug: when the event loop shuts down with a manager still running (asyncio.run "
-        "cancels every task at once), the poll task's cleanup waits in Writer.barrier() for a "
-        "writer task that was cancelled too, so the process never exits"
-    ),
-)
 async def test_process_exits_when_main_fails_without_stop_all(database_url: str) -> None:
     """A triggerer whose main coroutine raises must still exit (so it can be restarted)."""
     proc = await asyncio.create_subprocess_exec(
