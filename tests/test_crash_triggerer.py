@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-import pytest
 
 from outbox import OutboxStore, SharedStreamManager
 from tests.crash.triggerer import SUBSCRIBERS, event_key, expected_payloads, partition_sizes
