@@ -327,7 +327,8 @@ async def test_triggerer_and_committer_killed_at_random_lose_and_duplicate_nothi
         assert samples == sorted(samples), partition
     print(
         f"{MESSAGES} messages, {occurrences} event occurrences "
-        f"({occurrences - MESSAGES} read again), {len(rows)} trigger events, "
+        f"({occurrences - MESSAGES} re-recorded after being read again), "
+        f"{len(rows)} trigger events, "
         f"{len(log)} logged commits, {len(dead)} dead letters ({repeats} repeated), "
         f"{triggerer.kills}+{committer.kills} kills, {finished:.1f}s"
     )
