@@ -210,6 +210,7 @@ class KafkaSharedStreamProducer(SharedStreamProducer):
         self._committer: AIOKafkaConsumer | None = None
         self._dead_letters: AIOKafkaProducer | None = None
         self._holds: dict[TopicPartition, int] = {}
+        self._handled: dict[TopicPartition, set[int]] = {}
         self._guard = _FloodGuard(self.policy)
 
     # -- reading --------------------------------------------------------------------------
@@ -325,7 +326,9 @@ class KafkaSharedStreamProducer(SharedStreamProducer):
         consumer = await self._commit_client(tp)
         committed = await consumer.committed(tp)
         if self.contiguous_offsets:
-            target, held = self._contiguous_target(offsets, routes, committed)
+            if committed is None:
+                committed = (await consumer.beginning_offsets([tp]))[tp]
+            target, held = self._contiguous_target(tp, offsets, routes, committed)
         else:
             target, held = self._remembered_target(tp, offsets, routes)
         if held is not None:
@@ -335,26 +338,25 @@ class KafkaSharedStreamProducer(SharedStreamProducer):
             await self.on_commit(tp.topic, tp.partition, target, committed)
         self._guard.record(lane, dead)
 
-    @staticmethod
     def _contiguous_target(
-        offsets: Sequence[int], routes: Sequence[str], committed: int | None
+        self, tp: TopicPartition, offsets: Sequence[int], routes: Sequence[str], committed: int
     ) -> tuple[int, int | None]:
-        """Walk the batch from the committed offset: a message at the frontier that is not
-        held moves it on; one that is held stops it there; messages behind it (read again
-        after a restart, possibly after later ones) are already past; messages beyond it
-        were handled while an earlier message was held, and are passed again once the
-        consumer reads the partition again from the hold. Returns ``(target, held)``."""
-        frontier = offsets[0] if committed is None else committed
-        held: int | None = None
+        """The partition's next commit: from the committed offset, past every message handled
+        (in this batch or an earlier one, in any order: after a restart a lane can carry
+        messages read again after later ones), up to the first that is not, which may be held.
+        Returns ``(target, held)``."""
+        handled = self._handled.setdefault(tp, set())
+        held = set()
         for offset, route in zip(offsets, routes, strict=True):
-            if offset != frontier:
-                continue
             if route == "hold":
-                held = offset
-                continue
-            frontier += 1
-            held = None
-        return frontier, held
+                held.add(offset)
+            else:
+                handled.add(offset)
+        target = committed
+        while target in handled:
+            target += 1
+        self._handled[tp] = {o for o in handled if o > target}
+        return target, target if target in held else None
 
     def _remembered_target(
         self, tp: TopicPartition, offsets: Sequence[int], routes: Sequence[str]
