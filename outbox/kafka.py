@@ -8,14 +8,14 @@ a message read again after a restart goes only to the subscribers that still owe
 Holding: a message that is held (by default: one a subscriber failed, or that nobody was
 subscribed to) is not committed past. Later messages of its partition are still handled, but the
 partition's committed offset stays at the held message until the consumer reads it again on its
-next start; then the batch that re-handles it starts at the committed offset and commits move on.
-An ``advance`` walks its batch from the partition's committed offset, as read from Kafka: the
-message at the committed offset moves it on unless it is held, messages behind it (read again
-after a restart, which can follow later ones in a batch) are already past, and messages beyond
-it do not move it, since one before them is held. So holds survive a restart of the committer,
-and a batch that ends with messages read again still commits through the newest one. Topics
-with offset gaps (compaction, transactions) need ``contiguous_offsets=False``, which commits
-past each batch's highest offset and keeps holds in memory only.
+next start and every subscriber that owes it resolves it; then commits move on.
+Each ``advance`` moves the partition's commit from its committed offset (read from Kafka, or the
+partition's first offset) past every message handled so far, whatever the order its lane
+delivered them in: after a restart a lane can carry messages read again after later ones. The
+handled messages above a hold are remembered in memory; a committer that restarts meanwhile
+forgets them, and the partition then moves on once the triggerer reads them again. Topics with
+offset gaps (compaction, transactions) need ``contiguous_offsets=False``, which commits past
+each batch's highest offset and keeps holds in memory only.
 """
 
 from __future__ import annotations
