@@ -8,6 +8,7 @@ them, the fixtures start their own.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.resources
 import inspect
 import os
@@ -65,6 +66,15 @@ def anyio_backend() -> str:
 
 
 HANG_REPORT_AFTER = 150.0
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage_after_each_test() -> Iterator[None]:
+    """Run finalizers (of async generators, clients) between tests rather than at a random
+    allocation later: CPython 3.11 raises "AST constructor recursion depth mismatch" when one
+    runs inside ``ast.parse``, which pytest calls to import modules lazily."""
+    yield
+    gc.collect()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
