@@ -13,6 +13,7 @@ from outbox import (
     AdvanceItem,
     AdvanceOutcome,
     BaseEventTrigger,
+    LaneCommitter,
     OutboxStore,
     SharedStreamManager,
     SharedStreamProducer,
@@ -98,10 +99,12 @@ class Gate:
     def release(self) -> None:
         self._release.set()
 
-    async def arrived(self, count: int) -> None:
-        while len(self.pulled) < count:
-            self._arrived.clear()
-            await self._arrived.wait()
+    async def arrived(self, count: int, within: float = 30.0) -> None:
+        """Wait until ``count`` events were pulled (failing after ``within`` seconds)."""
+        async with asyncio.timeout(within):
+            while len(self.pulled) < count:
+                self._arrived.clear()
+                await self._arrived.wait()
 
 
 class StreamTrigger(BaseEventTrigger):
@@ -440,3 +443,71 @@ async def lane_rows(store: OutboxStore) -> list[dict[str, Any]]:
             )
         )
         return [dict(r._mapping) for r in rows]
+
+
+class Triggerers:
+    """``count`` managers (as in several triggerers) writing one stream key, each pulling from
+    its own ``ScriptedProducer``, with no in-process committer; ``committer`` (a separate
+    ``LaneCommitter``) advances the stream with the first producer, pass by pass.
+
+    Within one manager a subscriber resolves events in broadcast order; across triggerers the
+    events of one lane can resolve in any order, which is what the lane scenarios need.
+    """
+
+    KEY: ClassVar[tuple[str, str]] = ("queue", "shared")
+
+    def __init__(
+        self,
+        store: OutboxStore,
+        count: int,
+        *,
+        lane_for: Callable[[Any], Hashable] | None = None,
+        advance_hook: Callable[[list[Any]], Awaitable[None]] | None = None,
+    ) -> None:
+        self.producers = [
+            ScriptedProducer(lane_for=lane_for, advance_hook=advance_hook) for _ in range(count)
+        ]
+        for i, producer in enumerate(self.producers):
+            StreamTrigger.PRODUCERS[f"t{i}"] = producer
+        self.managers = [SharedStreamManager(store, run_committer=False) for _ in range(count)]
+        self.committer = LaneCommitter(store, producers={self.KEY: self.producers[0]})
+
+    @property
+    def advancer(self) -> ScriptedProducer:
+        return self.producers[0]
+
+    def subscribe(
+        self, triggerer: int, trigger_id: Any, *, gate: Gate | None = None
+    ) -> AsyncIterator[TriggerEvent]:
+        return self.managers[triggerer].subscribe(
+            trigger_id=trigger_id,
+            trigger=StreamTrigger(name=f"t{triggerer}", gate=gate),
+            key=self.KEY,
+        )
+
+    async def settle(self) -> int:
+        """Commit what every manager submitted, then run committer passes until one advances
+        nothing; returns how many events were advanced."""
+        await asyncio.sleep(0)
+        for manager in self.managers:
+            await manager._writer.barrier()
+        total = 0
+        while advanced := await self.committer.run_once():
+            total += advanced
+        return total
+
+    async def aclose(self) -> None:
+        for manager in self.managers:
+            await manager.stop_all()
+
+
+async def wait_resolved(store: OutboxStore, payloads: Sequence[Any], within: float = 10.0) -> None:
+    """Wait until the events with these broker payloads are fully resolved in the outbox."""
+    deadline = time.monotonic() + within
+    while True:
+        resolved = {e["payload"] for e in await event_rows(store) if e["pending"] == 0}
+        if set(payloads) <= resolved:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{list(payloads)} not resolved; resolved: {sorted(resolved)}")
+        await asyncio.sleep(0.005)
