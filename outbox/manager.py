@@ -150,6 +150,9 @@ class _Stream:
     timeout_task: asyncio.Task[None] | None = None
     terminated: bool = False
     stopping: bool = False
+    # Trigger events yielded outside any window before the stream row exists (a filter may
+    # yield before it pulls): stored as soon as the stream has its id.
+    early_unbound: list[tuple[_Subscriber, str, TriggerEvent]] = field(default_factory=list)
 
 
 class SharedStreamManager:
@@ -326,6 +329,9 @@ class SharedStreamManager:
             stream.stream_id = await self._store.ensure_stream(
                 stream.key_json, stream.class_path, stream.kwargs_json, self.ack_timeout
             )
+            early, stream.early_unbound = stream.early_unbound, []
+            for subscriber, payload_json, trigger_event in early:
+                self._store_unbound(stream, subscriber, payload_json, trigger_event)
             if stream.ack_mode:
                 producer = stream.trigger_class.create_shared_stream_producer(stream.kwargs)
                 stream.producer = producer
@@ -679,6 +685,18 @@ class SharedStreamManager:
             subscriber.window_events.append(trigger_event)
             subscriber.window_records.append(payload_json)
             return
+        if not stream.stream_id:
+            stream.early_unbound.append((subscriber, payload_json, trigger_event))
+            return
+        self._store_unbound(stream, subscriber, payload_json, trigger_event)
+
+    def _store_unbound(
+        self,
+        stream: _Stream,
+        subscriber: _Subscriber,
+        payload_json: str,
+        trigger_event: TriggerEvent,
+    ) -> None:
         self._writer.store_unbound(
             stream.stream_id,
             subscriber.name,
