@@ -142,6 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
         "keep it longer than the broker's redelivery horizon",
     )
     prune.add_argument("--batch-size", type=int, default=1000, help="rows per transaction")
+
+    grant = commands.add_parser(
+        "grant",
+        help="give a runtime role only what outbox needs (run as the tables' owner)",
+        description="Grant ROLE the privileges the manager, committer and reader use on "
+        "outbox's tables and sequences (no DDL, no other table), after revoking what it had "
+        "there. Connect as the role that ran `outbox migrate`; run again after each migrate.",
+    )
+    grant.add_argument(
+        "--database-url",
+        action=_EnvDefault,
+        envvar="OUTBOX_DATABASE_URL",
+        help="PostgreSQL URL of the tables' owner (not needed with --print)",
+    )
+    grant.add_argument("--role", required=True, help="the runtime role, which must exist")
+    grant.add_argument("--schema", default="public", help="schema of outbox's tables (public)")
+    grant.add_argument("--print", action="store_true", help="print the SQL instead of running it")
     return parser
 
 
@@ -182,6 +199,20 @@ async def _prune(args: argparse.Namespace) -> None:
             if not pruned_records and not pruned_events:
                 break
     print(f"pruned {events} events and {records} dispatched records")
+
+
+async def _grant(args: argparse.Namespace) -> None:
+    from outbox.roles import grant_runtime, runtime_grants_sql
+
+    if args.print:
+        print(runtime_grants_sql(args.role, schema=args.schema), end="")
+        return
+    if not args.database_url:
+        raise ConfigurationError(
+            "no database URL: pass --database-url (or set OUTBOX_DATABASE_URL) as the owner"
+        )
+    await grant_runtime(args.database_url, args.role, schema=args.schema)
+    print(f"granted outbox's runtime privileges to {args.role} on {redact_url(args.database_url)}")
 
 
 async def _migrate(url: str, revision: str) -> None:
@@ -278,6 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_status(args))
         elif args.command == "prune":
             asyncio.run(_prune(args))
+        elif args.command == "grant":
+            asyncio.run(_grant(args))
     except OutboxError as exc:
         print(f"outbox {args.command}: {exc}", file=sys.stderr)
         return 2
