@@ -15,7 +15,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from outbox.committer import LaneCommitter
 from outbox.core import ACKED, FAILED, REJECTED, canonical_json, is_expired, timeout_cadence
@@ -26,11 +26,13 @@ from outbox.triggers import BaseEventTrigger, TriggerEvent, is_ack_mode
 from outbox.writer import Writer
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Hashable
+    from collections.abc import AsyncIterator, Callable, Coroutine, Hashable
 
 __all__ = ("SharedStreamManager", "SubscriberOverflow")
 
 log = logging.getLogger("outbox.manager")
+
+_T = TypeVar("_T")
 
 DEFAULT_ACK_TIMEOUT = 300.0
 DEFAULT_SUBSCRIBER_QUEUE_MAX = 1024
@@ -326,8 +328,10 @@ class SharedStreamManager:
         try:
             if self.cohort_grace_period > 0:
                 await asyncio.sleep(self.cohort_grace_period)
-            stream.stream_id = await self._store.ensure_stream(
-                stream.key_json, stream.class_path, stream.kwargs_json, self.ack_timeout
+            stream.stream_id = await self._uncancelled(
+                self._store.ensure_stream(
+                    stream.key_json, stream.class_path, stream.kwargs_json, self.ack_timeout
+                )
             )
             early, stream.early_unbound = stream.early_unbound, []
             for subscriber, payload_json, trigger_event in early:
@@ -417,6 +421,19 @@ class SharedStreamManager:
         if stream.poll_task is not None:
             stream.poll_task.cancel()
             await self._await_task(stream.poll_task)
+
+    @staticmethod
+    async def _uncancelled(operation: Coroutine[Any, Any, _T]) -> _T:
+        """Await one database call that a stop must not interrupt (cancelling asyncpg in the
+        middle of a statement loses the connection): on cancellation let it finish, then
+        re-raise."""
+        task = asyncio.ensure_future(operation)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await task
+            raise
 
     @staticmethod
     async def _await_task(task: asyncio.Task[Any] | None) -> None:
