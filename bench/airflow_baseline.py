@@ -310,6 +310,26 @@ async def runner(manager, trigger_id, trigger, key, mode, pool, writer) -> None:
         await manager.unsubscribe(trigger_id, key)
 
 
+def _postgres_cpu():
+    """CPU seconds of each process of the benchmark's Postgres cluster ($BENCH_PG_POSTMASTER)."""
+    pid = os.environ.get("BENCH_PG_POSTMASTER")
+    if psutil is None or not pid:
+        return {}
+    out = {}
+    try:
+        postmaster = psutil.Process(int(pid))
+        procs = [postmaster, *postmaster.children()]
+    except psutil.Error:
+        return {}
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        out[proc.pid] = times.user + times.system
+    return out
+
+
 def _cpu_snapshot():
     if psutil is None:
         return None
@@ -317,7 +337,7 @@ def _cpu_snapshot():
     pt = proc.cpu_times()
     st = psutil.cpu_times()
     busy = st.user + st.nice + st.system + getattr(st, "irq", 0) + getattr(st, "softirq", 0)
-    return pt.user + pt.system, busy, st.idle + getattr(st, "iowait", 0)
+    return pt.user + pt.system, busy, st.idle + getattr(st, "iowait", 0), _postgres_cpu()
 
 
 async def run_once(args, rep: int) -> dict[str, Any]:
@@ -429,6 +449,10 @@ async def run_once(args, rep: int) -> dict[str, Any]:
             100.0 * busy / (busy + idle) if busy + idle else None
         )  # of all cores
         res["others_cpu_cores"] = max(0.0, busy - proc) / wall  # mostly the Postgres backends
+        if cpu1[3]:
+            pg = sum(t - cpu0[3].get(pid, 0.0) for pid, t in cpu1[3].items())
+            res["pg_cpu_cores"] = pg / wall
+            res["foreign_cpu_cores"] = max(0.0, busy - proc - pg) / wall
         res["ncpu"] = ncpu
     return res
 

@@ -93,24 +93,50 @@ class RssSampler:
         self.peak = max(self.peak, self._process.memory_info().rss)
 
 
-def cpu_snapshot() -> tuple[float, float, float]:
+def postgres_cpu() -> dict[int, float]:
+    """CPU seconds of each process of the benchmark's Postgres cluster, when it runs on this
+    machine (the orchestrator passes the postmaster's pid in ``$BENCH_PG_POSTMASTER``)."""
+    import psutil
+
+    pid = os.environ.get("BENCH_PG_POSTMASTER")
+    if not pid:
+        return {}
+    out: dict[int, float] = {}
+    with contextlib.suppress(psutil.Error):
+        postmaster = psutil.Process(int(pid))
+        for proc in [postmaster, *postmaster.children()]:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                out[proc.pid] = times.user + times.system
+    return out
+
+
+CpuSnapshot = tuple[float, float, dict[int, float]]
+
+
+def cpu_snapshot() -> CpuSnapshot:
     import psutil
 
     pt = psutil.Process().cpu_times()
     st = psutil.cpu_times()
     busy = st.user + st.nice + st.system + getattr(st, "irq", 0) + getattr(st, "softirq", 0)
-    return pt.user + pt.system, busy, st.idle + getattr(st, "iowait", 0)
+    return pt.user + pt.system, busy, postgres_cpu()
 
 
-def cpu_figures(
-    before: tuple[float, float, float], after: tuple[float, float, float], wall: float
-) -> dict[str, float]:
+def cpu_figures(before: CpuSnapshot, after: CpuSnapshot, wall: float) -> dict[str, float]:
+    """This process's CPU (100 = one core), the machine's other busy time in cores, and of that
+    the benchmark's Postgres and everything else (other workloads on the machine: noise)."""
     proc = after[0] - before[0]
     busy = after[1] - before[1]
-    return {
+    res = {
         "proc_cpu_pct": 100.0 * proc / wall,
         "others_cpu_cores": max(0.0, busy - proc) / wall,
     }
+    if after[2]:
+        pg = sum(t - before[2].get(pid, 0.0) for pid, t in after[2].items())
+        res["pg_cpu_cores"] = pg / wall
+        res["foreign_cpu_cores"] = max(0.0, busy - proc - pg) / wall
+    return res
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,6 +513,46 @@ def bench_database(url: str | None) -> Iterator[str]:
 # --------------------------------------------------------------------------------------------
 
 
+def find_postmaster(url: str) -> int | None:
+    """The pid of the Postgres postmaster behind ``url`` if it runs on this machine."""
+    import asyncpg
+    import psutil
+
+    async def parent_of_backend() -> psutil.Process | None:
+        conn = await asyncpg.connect(plain_url(url))
+        try:  # while the backend lives
+            return psutil.Process(int(await conn.fetchval("SELECT pg_backend_pid()"))).parent()
+        finally:
+            await conn.close()
+
+    try:
+        postmaster = asyncio.run(parent_of_backend())
+    except (psutil.Error, OSError):
+        return None
+    return postmaster.pid if postmaster is not None and "postgres" in postmaster.name() else None
+
+
+def run_measured(impl: str, subs: int, lanes: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One run; repeated (up to ``--retries`` times) while other work on the machine took more
+    than ``--max-foreign`` cores during it, keeping the least disturbed run."""
+    best: dict[str, Any] | None = None
+    for attempt in range(1 + args.retries):
+        r = run_worker(impl, subs, lanes, args)
+        r["attempts"] = attempt + 1
+        foreign = r.get("foreign_cpu_cores")
+        if best is None or (
+            r.get("ok") and (foreign or 0.0) < (best.get("foreign_cpu_cores") or 0.0)
+        ):
+            best = r
+        if not r.get("ok") or foreign is None or foreign <= args.max_foreign:
+            break
+        if attempt < args.retries:
+            print(f"        (noisy: {foreign:.2f} foreign cores; again) {fmt(r)}", flush=True)
+    assert best is not None
+    best["attempts"] = r["attempts"]
+    return best
+
+
 def run_worker(impl: str, subs: int, lanes: int, args: argparse.Namespace) -> dict[str, Any]:
     common = ["--events", str(args.events), "--subscribers", str(subs), "--lanes", str(lanes)]
     common += ["--timeout", str(args.timeout)]
@@ -525,19 +591,28 @@ def fmt(r: dict[str, Any]) -> str:
     return (
         f"{head}: {r['events_per_s']:>9,.0f} ev/s {r['events_per_s'] * r['subscribers']:>9,.0f} "
         f"trig-ev/s  peak {r['peak_rss_mb']:.0f} MiB (+{r['rss_growth_mb']:.1f})  "
-        f"cpu {r.get('proc_cpu_pct', 0):.0f}% others {r.get('others_cpu_cores', 0):.2f} cores"
+        f"cpu {r.get('proc_cpu_pct', 0):.0f}% pg {r.get('pg_cpu_cores', 0):.2f} "
+        f"foreign {r.get('foreign_cpu_cores', 0):.2f} cores"
         f"{'' if r['clean'] else '  NOT CLEAN'}"
     )
 
 
+def _cores(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def summarise(results: list[dict[str, Any]], args: argparse.Namespace) -> tuple[str, bool]:
-    """A markdown table of medians and ratios; and whether every run was clean."""
+    """A markdown table of medians and ratios; and whether every run was clean. With more than
+    ``args.repeat`` runs of a cell (several passes), the least disturbed ones count."""
     cells: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
     for r in results:
         cells.setdefault((r["impl"], r["subscribers"], r["lanes"]), []).append(r)
+    for key, runs in cells.items():
+        runs.sort(key=lambda r: (not r.get("ok"), r.get("foreign_cpu_cores") or 0.0))
+        cells[key] = runs[: args.repeat]
 
     def med(impl: str, subs: int, lanes: int, field: str = "events_per_s") -> float | None:
-        vals = [r[field] for r in cells.get((impl, subs, lanes), []) if r.get("ok")]
+        vals = [r[field] for r in cells.get((impl, subs, lanes), []) if r.get("ok") and field in r]
         return statistics.median(vals) if vals else None
 
     def spread(impl: str, subs: int, lanes: int) -> str:
@@ -550,8 +625,8 @@ def summarise(results: list[dict[str, Any]], args: argparse.Namespace) -> tuple[
         "events/s = raw events through the whole channel (trigger events/s = events/s x S).",
         "",
         "| impl | lanes | subs | events/s | min-max | trigger-events/s | peak RSS MiB "
-        "(growth) | bench CPU | other CPU |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "(growth) | bench CPU | Postgres CPU | foreign CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for impl in impls:
         for lanes in args.lanes:
@@ -559,14 +634,15 @@ def summarise(results: list[dict[str, Any]], args: argparse.Namespace) -> tuple[
                 eps = med(impl, subs, lanes)
                 if eps is None:
                     if (impl, subs, lanes) in cells:
-                        lines.append(f"| {impl} | {lanes} | {subs} | FAILED | | | | | |")
+                        lines.append(f"| {impl} | {lanes} | {subs} | FAILED | | | | | | |")
                     continue
                 lines.append(
                     f"| {impl} | {lanes} | {subs} | {eps:,.0f} | {spread(impl, subs, lanes)} | "
                     f"{eps * subs:,.0f} | {med(impl, subs, lanes, 'peak_rss_mb'):.0f} "
                     f"(+{med(impl, subs, lanes, 'rss_growth_mb'):.1f}) | "
                     f"{med(impl, subs, lanes, 'proc_cpu_pct'):.0f}% | "
-                    f"{med(impl, subs, lanes, 'others_cpu_cores'):.2f} |"
+                    f"{_cores(med(impl, subs, lanes, 'pg_cpu_cores'))} | "
+                    f"{_cores(med(impl, subs, lanes, 'foreign_cpu_cores'))} |"
                 )
     if "outbox" in impls:
         others = [i for i in impls if i != "outbox"]
@@ -588,7 +664,7 @@ def summarise(results: list[dict[str, Any]], args: argparse.Namespace) -> tuple[
                     ratios.append(f"{ours / base:.2f}" if base else "-")
                 lines.append(f"| {lanes} | {subs} | {ours:,.0f} | " + " | ".join(ratios) + " |")
     clean = all(r.get("clean") for r in results)
-    lines += ["", f"all runs clean: {'yes' if clean else 'NO'}"]
+    lines += ["", f"all runs clean: {'yes' if clean else 'NO'} ({len(results)} runs)"]
     return "\n".join(lines), clean
 
 
@@ -600,13 +676,16 @@ def orchestrate(args: argparse.Namespace) -> int:
     ):
         args.database_url = url
         args.airflow_home = airflow_home
+        postmaster = find_postmaster(url)
+        if postmaster is not None:
+            os.environ["BENCH_PG_POSTMASTER"] = str(postmaster)
         for rep in range(args.repeat):
             for lanes in args.lanes:
                 for subs in args.subscribers:
                     for impl in IMPLS:
                         if impl not in args.impls:
                             continue
-                        r = run_worker(impl, subs, lanes, args)
+                        r = run_measured(impl, subs, lanes, args)
                         r["rep"] = rep
                         print(f"rep {rep} {fmt(r)}", flush=True)
                         results.append(r)
@@ -643,10 +722,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300.0, help="give up a run after this (s)")
     p.add_argument("--json", metavar="FILE", help="append one JSON line per run to FILE")
     p.add_argument(
+        "--max-foreign",
+        type=float,
+        default=0.3,
+        help="a run during which other work on the machine took more cores than this is "
+        "repeated (0.3)",
+    )
+    p.add_argument("--retries", type=int, default=2, help="repeats of a noisy run (2)")
+    p.add_argument(
         "--gc-freeze",
         action="store_true",
         help="every worker gc.freeze()s its imported heap first (sensitivity; the default, like "
         "Airflow's triggerer, does not)",
+    )
+    p.add_argument(
+        "--summarise",
+        metavar="JSONL",
+        nargs="+",
+        help="print the tables from the runs in these --json files (no run); per cell the "
+        "--repeat least disturbed runs count",
     )
     p.add_argument("--worker", choices=("outbox", "unnest"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -679,6 +773,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.impls) - set(IMPLS)
     if unknown:
         p.error(f"unknown --impls {sorted(unknown)}; choose from {list(IMPLS)}")
+    if args.summarise:
+        runs = []
+        for name in args.summarise:
+            with open(name) as f:
+                runs += [json.loads(line) for line in f if line.strip()]
+        args.events = max(r["events"] for r in runs)
+        table, clean = summarise([r for r in runs if r["events"] == args.events], args)
+        print(table)
+        return 0 if clean else 1
     return orchestrate(args)
 
 
