@@ -22,6 +22,7 @@ from outbox.core import backoff_delay, canonical_json, contiguous_resolved_prefi
 from outbox.errors import ConfigurationError
 from outbox.interop import adapt_producer
 from outbox.protocol import AdvanceItem, AdvanceOutcome, SharedStreamProducer
+from outbox.writer import is_transient
 
 if TYPE_CHECKING:
     from outbox.metrics import CommitterMetrics
@@ -32,6 +33,12 @@ __all__ = ("LaneCommitter",)
 log = logging.getLogger("outbox.committer")
 
 ProducerSource = SharedStreamProducer | Callable[[], SharedStreamProducer]
+
+
+def _line(exc: BaseException) -> str:
+    """The first line of what the driver said (no SQL, no background link)."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class LaneCommitter:
@@ -190,16 +197,22 @@ class LaneCommitter:
         try:
             while not self._stopping:
                 try:
-                    async with self._store.listen_resolved(self._wakeup.set):
+                    async with self._store.listen_resolved(self._wakeup.set) as lost:
                         self.listening = True
-                        await self._passes()
+                        await self._passes(lost=lost)
+                    if lost.is_set():
+                        self.listening = False
+                        log.warning(
+                            "committer lost its LISTEN connection; polling, listening again"
+                        )
+                        await self._passes(until_listening_again=True)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     self.listening = False
-                    log.warning("committer cannot listen for resolutions (%s); polling", exc)
+                    log.warning("committer cannot listen for resolutions (%s); polling", _line(exc))
                     await self._passes(until_listening_again=True)
-            await self.release()
+            await self._release_when_possible()
         finally:
             self.listening = False
             for stream_id in list(self._rebuilt):
@@ -210,7 +223,9 @@ class LaneCommitter:
         self._stopping = True
         self._wakeup.set()
 
-    async def _passes(self, *, until_listening_again: bool = False) -> None:
+    async def _passes(
+        self, *, until_listening_again: bool = False, lost: asyncio.Event | None = None
+    ) -> None:
         while not self._stopping:
             self._wakeup.clear()
             try:
@@ -219,9 +234,12 @@ class LaneCommitter:
                 await self._housekeeping()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("committer pass failed")
-            if self._stopping:
+            except Exception as exc:
+                if is_transient(exc):  # the database is away: the next pass tries again
+                    log.warning("committer pass failed (%s); retrying", _line(exc))
+                else:
+                    log.exception("committer pass failed")
+            if self._stopping or (lost is not None and lost.is_set()):
                 return
             try:
                 await asyncio.wait_for(self._wakeup.wait(), self.poll_interval)
@@ -241,6 +259,12 @@ class LaneCommitter:
                 self._next_housekeeping = now  # more may be due: another batch next time
         if self.metrics is not None:
             await self.metrics.refresh(self._store)
+
+    async def _release_when_possible(self) -> None:
+        try:
+            await self.release()
+        except Exception as exc:  # the leases expire by themselves
+            log.warning("committer could not release its leases (%s)", _line(exc))
 
     async def release(self) -> None:
         """Give up every lease this committer holds (on a graceful stop)."""

@@ -460,7 +460,9 @@ class KafkaSharedTrigger(BaseEventTrigger):
     @classmethod
     def create_shared_stream_producer(cls, kwargs: dict[str, Any]) -> KafkaSharedStreamProducer:
         options = dict(kwargs)
-        policy = RoutingPolicy(**(options.pop("policy", None) or {}))
+        # No policy given: the producer's default (drop rejects without a dead-letter topic).
+        policy_options = options.pop("policy", None)
+        policy = RoutingPolicy(**policy_options) if policy_options else None
         partitions = options.pop("partitions", None)
         return KafkaSharedStreamProducer(
             options.pop("topics"),

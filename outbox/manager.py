@@ -173,6 +173,9 @@ class SharedStreamManager:
         streams with its own producer instances (needed when acks must come from the consuming
         connection). Turn it off when a separate ``outbox committer`` advances them.
     :param write_batch: most items one group-committed transaction carries.
+    :param outage_limit: seconds a write keeps retrying while the database is unreachable
+        (backoff up to 2 s between attempts); past it the stream's subscribers get
+        ``DatabaseUnavailable`` and may subscribe again.
     """
 
     def __init__(
@@ -187,6 +190,7 @@ class SharedStreamManager:
         run_committer: bool = True,
         write_batch: int = 4000,
         committer_options: dict[str, Any] | None = None,
+        outage_limit: float = 60.0,
     ) -> None:
         if ack_timeout <= 0:
             raise ValueError(f"ack_timeout must be positive, got {ack_timeout!r}")
@@ -204,7 +208,12 @@ class SharedStreamManager:
         self.overflow = overflow
         self._streams: dict[Hashable, _Stream] = {}
         self._committer_wakeup = asyncio.Event()
-        self._writer = Writer(store, max_batch=write_batch, on_commit=self._committer_wakeup.set)
+        self._writer = Writer(
+            store,
+            max_batch=write_batch,
+            on_commit=self._committer_wakeup.set,
+            outage_limit=outage_limit,
+        )
         self._record_batch = max(1, min(1000, write_batch))
         self.committer: LaneCommitter | None = None
         if run_committer:
@@ -328,9 +337,11 @@ class SharedStreamManager:
         try:
             if self.cohort_grace_period > 0:
                 await asyncio.sleep(self.cohort_grace_period)
-            stream.stream_id = await self._uncancelled(
-                self._store.ensure_stream(
-                    stream.key_json, stream.class_path, stream.kwargs_json, self.ack_timeout
+            stream.stream_id = await self._writer.retry(
+                lambda: self._uncancelled(
+                    self._store.ensure_stream(
+                        stream.key_json, stream.class_path, stream.kwargs_json, self.ack_timeout
+                    )
                 )
             )
             early, stream.early_unbound = stream.early_unbound, []
@@ -481,7 +492,11 @@ class SharedStreamManager:
         )
         lane_id = stream.lane_ids.get(lane_json)
         if lane_id is None:
-            stream.lane_ids.update(await self._store.ensure_lanes(stream.stream_id, [lane_json]))
+            stream.lane_ids.update(
+                await self._writer.retry(
+                    lambda: self._store.ensure_lanes(stream.stream_id, [lane_json])
+                )
+            )
             lane_id = stream.lane_ids[lane_json]
         snapshot = [s.name for s in stream.subscribers.values() if not s.failed]
         stream.staged.append(
@@ -522,15 +537,18 @@ class SharedStreamManager:
             if not stream.terminated:
                 self._fail_stream(stream, result)
             return
-        if stream.stopping or stream.terminated:
+        if stream.terminated:
+            # The stream failed (the database was away longer than outage_limit, say): leave
+            # these pending. The broker never advanced past them, so the stream that replaces
+            # this one reads them again and reuses these occurrences for its subscribers (the
+            # committer's ack-timeout sweep fails them if none comes). Failing them here could
+            # land after a fresh stream already re-opened them, and fail its subscribers.
+            return
+        if stream.stopping:
             # Nobody will be handed these events any more: fail them now rather than leave them
             # pending in the outbox, where they would hold up their lanes (a fresh stream for the
             # key continues the same lanes) until a timeout sweep.
-            reason = (
-                "stream failed before broadcast"
-                if stream.terminated
-                else ("stream stopped before broadcast")
-            )
+            reason = "stream stopped before broadcast"
             for event in events:
                 for name in event.deliver_to:
                     self._write_resolution(stream, name, event.event_id, FAILED, reason)

@@ -6,6 +6,7 @@ trip carries a whole batch; the rest use the Core tables of ``outbox.schema``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -269,6 +270,16 @@ _RESOLVE = sa.text(
     )
     SELECT event_id, subscriber FROM won
     UNION ALL SELECT NULL, NULL FROM notified
+    """
+)
+
+_RESOLVED_AS = sa.text(
+    f"""
+    SELECT d.event_id, d.subscriber
+    FROM unnest({_int_array("event_ids")}, {_text_array("subscribers")}, {_text_array("states")})
+         AS r(event_id, subscriber, state)
+    JOIN outbox_delivery AS d
+      ON d.event_id = r.event_id AND d.subscriber = r.subscriber AND d.state = r.state
     """
 )
 
@@ -746,6 +757,24 @@ class OutboxStore:
         )
         return {(row[0], row[1]) for row in rows if row[0] is not None}
 
+    async def resolved_as(
+        self, conn: AsyncConnection, resolutions: Sequence[ResolutionRow]
+    ) -> set[tuple[int, str]]:
+        """The ``(event_id, subscriber)`` pairs of ``resolutions`` whose delivery is stored in
+        the same state: after a commit whose outcome was lost with the connection, these are
+        the resolutions that earlier attempt stored."""
+        if not resolutions:
+            return set()
+        rows = await conn.execute(
+            _RESOLVED_AS,
+            {
+                "event_ids": _ints(r.event_id for r in resolutions),
+                "subscribers": _texts([r.subscriber for r in resolutions]),
+                "states": _texts([r.state for r in resolutions]),
+            },
+        )
+        return {(row[0], row[1]) for row in rows}
+
     async def insert_unbound_records(
         self, conn: AsyncConnection, records: Sequence[tuple[int, str, str]]
     ) -> None:
@@ -841,7 +870,10 @@ class OutboxStore:
             )
 
     @contextlib.asynccontextmanager
-    async def _listen(self, channel: str, callback: Callable[[], None]) -> AsyncIterator[None]:
+    async def _listen(
+        self, channel: str, callback: Callable[[], None]
+    ) -> AsyncIterator[asyncio.Event]:
+        lost = asyncio.Event()
         async with self.engine.connect() as conn:
             raw = (await conn.get_raw_connection()).driver_connection
             assert raw is not None
@@ -849,20 +881,40 @@ class OutboxStore:
             def on_notify(*_: object) -> None:
                 callback()
 
+            def on_terminated(*_: object) -> None:
+                # The server went away (restart, failover, a killed backend): notifications
+                # stop. Wake the caller so that it polls and listens again.
+                lost.set()
+                callback()
+
+            raw.add_termination_listener(on_terminated)
             await raw.add_listener(channel, on_notify)
             try:
-                yield
+                yield lost
             finally:
-                with contextlib.suppress(Exception):
-                    await raw.remove_listener(channel, on_notify)
+                if lost.is_set() or raw.is_closed():
+                    # Nothing to roll back on a dead connection: drop it from the pool.
+                    with contextlib.suppress(Exception):
+                        await conn.invalidate()
+                else:
+                    with contextlib.suppress(Exception):
+                        await raw.remove_listener(channel, on_notify)
+                    raw.remove_termination_listener(on_terminated)
 
-    def listen_resolved(self, callback: Callable[[], None]) -> AbstractAsyncContextManager[None]:
+    def listen_resolved(
+        self, callback: Callable[[], None]
+    ) -> AbstractAsyncContextManager[asyncio.Event]:
         """Call ``callback()`` whenever a transaction resolves the next event of some lane,
-        while the context is open (``LISTEN`` on a connection of its own)."""
+        while the context is open (``LISTEN`` on a connection of its own). The context's value
+        is an event set (and ``callback()`` called) when that connection is lost: listen again.
+        """
         return self._listen(NOTIFY_CHANNEL, callback)
 
-    def listen_records(self, callback: Callable[[], None]) -> AbstractAsyncContextManager[None]:
-        """Call ``callback()`` whenever a transaction stores trigger events."""
+    def listen_records(
+        self, callback: Callable[[], None]
+    ) -> AbstractAsyncContextManager[asyncio.Event]:
+        """Call ``callback()`` whenever a transaction stores trigger events (the context's
+        value as with ``listen_resolved``)."""
         return self._listen(RECORDS_CHANNEL, callback)
 
     async def release_leases(self, owner: str) -> None:

@@ -13,29 +13,33 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
 from outbox.core import backoff_delay
+from outbox.errors import DatabaseUnavailable
 
 if TYPE_CHECKING:
     from outbox.store import EventToRecord, OutboxStore, ResolutionRow
 
-__all__ = ("Writer",)
+__all__ = ("Writer", "is_transient")
 
 log = logging.getLogger("outbox.writer")
 
 Callback = Callable[[Any], None]
+T = TypeVar("T")
 
 # SQLSTATE classes worth retrying: connection exceptions, serialization failure, deadlock,
 # lock timeout, server shutdown, too many connections.
 _TRANSIENT_SQLSTATES = ("08", "40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300")
 
 
-def _is_transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database is (for now) unreachable or busy, rather than that the
+    statement is wrong: worth retrying the same work later."""
     if isinstance(exc, OSError | ConnectionError | asyncio.TimeoutError):
         return True
     if isinstance(exc, DBAPIError):
@@ -46,6 +50,25 @@ def _is_transient(exc: BaseException) -> bool:
         )
         return isinstance(sqlstate, str) and sqlstate.startswith(_TRANSIENT_SQLSTATES)
     return False
+
+
+_is_transient = is_transient
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of what the driver said, without SQLAlchemy's background link."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def unavailable(store: OutboxStore, exc: BaseException, elapsed: float, limit: float) -> Exception:
+    """``DatabaseUnavailable`` for an outage that outlasted ``limit``: one line naming the
+    database (password hidden) and what to do."""
+    url = store.engine.url.render_as_string(hide_password=True)
+    return DatabaseUnavailable(
+        f"database {url} unreachable for {elapsed:.1f}s, longer than outage_limit={limit:g}s "
+        f"({_reason(exc)}); the stream stopped: subscribe again once the database is back"
+    )
 
 
 @dataclass(slots=True)
@@ -78,6 +101,30 @@ class Writer:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.transactions = 0
+
+    async def retry(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run ``operation`` (one database call of the caller's), retrying transient failures
+        with backoff for up to ``outage_limit`` seconds; then raise ``DatabaseUnavailable``."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        attempts = 0
+        while True:
+            try:
+                return await operation()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not _is_transient(exc):
+                    raise
+                attempts += 1
+                elapsed = loop.time() - started
+                if elapsed >= self._outage_limit:
+                    raise unavailable(self._store, exc, elapsed, self._outage_limit) from None
+                delay = backoff_delay(attempts, base=0.05, cap=2.0)
+                log.warning(
+                    "outbox database call failed (%s); retrying in %.2fs", _reason(exc), delay
+                )
+                await asyncio.sleep(delay)
 
     def start(self) -> None:
         if self._task is None:
@@ -186,21 +233,25 @@ class Writer:
         attempts = 0
         while True:
             try:
-                return await self._commit(batch)
+                return await self._commit(batch, after_failure=attempts > 0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 attempts += 1
-                if _is_transient(exc) and loop.time() - started < self._outage_limit:
+                transient = _is_transient(exc)
+                elapsed = loop.time() - started
+                if transient and elapsed < self._outage_limit:
                     delay = backoff_delay(attempts, base=0.05, cap=2.0)
-                    log.warning("outbox write failed (%s); retrying in %.2fs", exc, delay)
+                    log.warning("outbox write failed (%s); retrying in %.2fs", _reason(exc), delay)
                     await asyncio.sleep(delay)
                     continue
-                if len(batch) > 1 and not _is_transient(exc):
+                if len(batch) > 1 and not transient:
                     # Isolate the item the database refuses; the others commit.
                     middle = len(batch) // 2
                     first = await self._commit_with_retry(batch[:middle])
                     return first + await self._commit_with_retry(batch[middle:])
+                if transient:
+                    exc = unavailable(self._store, exc, elapsed, self._outage_limit)
                 log.error("outbox write failed: %s", exc)
                 return [exc] * len(batch)
 
@@ -212,7 +263,7 @@ class Writer:
                 except Exception:  # a callback bug must not stop the writer
                     log.exception("outbox writer callback failed")
 
-    async def _commit(self, batch: list[_Item]) -> list[Any]:
+    async def _commit(self, batch: list[_Item], *, after_failure: bool = False) -> list[Any]:
         events: list[EventToRecord] = []
         resolutions: list[ResolutionRow] = []
         unbound: list[tuple[int, str, str]] = []
@@ -230,6 +281,12 @@ class Writer:
                     await self._store.record_events(conn, events)
                 if resolutions:
                     won = await self._store.resolve(conn, resolutions)
+                    if after_failure and len(won) < len(resolutions):
+                        # The failed attempt may have committed before its connection broke:
+                        # a delivery stored in the very state asked for is this batch's own
+                        # (this manager resolves each delivery it owes once), so it won.
+                        lost = [r for r in resolutions if (r.event_id, r.subscriber) not in won]
+                        won |= await self._store.resolved_as(conn, lost)
                 if unbound:
                     await self._store.insert_unbound_records(conn, unbound)
             self.transactions += 1

