@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from outbox.core import backoff_delay, canonical_json, contiguous_resolved_prefix
+from outbox.core import backoff_delay, canonical_json, contiguous_resolved_prefix, short_repr
 from outbox.errors import ConfigurationError
 from outbox.interop import adapt_producer
 from outbox.protocol import AdvanceItem, AdvanceOutcome, SharedStreamProducer
@@ -39,6 +39,12 @@ def _line(exc: BaseException) -> str:
     """The first line of what the driver said (no SQL, no background link)."""
     text = str(getattr(exc, "orig", None) or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _first_line(exc: BaseException) -> str:
+    """The start of the exception's first line, for one-line errors."""
+    text = str(exc).strip()
+    return short_repr(text.splitlines()[0]) if text else "no message"
 
 
 class LaneCommitter:
@@ -143,21 +149,35 @@ class LaneCommitter:
         self, key_json: str, class_path: str, kwargs: dict[str, Any]
     ) -> SharedStreamProducer:
         module_name, _, class_name = class_path.rpartition(".")
+        shown = (
+            class_path
+            if class_path.isprintable() and 0 < len(class_path) <= 200
+            else short_repr(class_path)
+        )
         if not any(
             module_name == m or module_name.startswith(m + ".") for m in self.allowed_modules
         ):
             raise ConfigurationError(
-                f"stream {key_json}: trigger class {class_path} is outside the allowed modules "
+                f"stream {key_json}: trigger class {shown} is outside the allowed modules "
                 f"{list(self.allowed_modules)}; add its module with --allow-module"
             )
         try:
             trigger_class = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError) as exc:
+        except Exception as exc:  # ImportError, or whatever the module raises as it loads
             raise ConfigurationError(
-                f"stream {key_json}: cannot import trigger class {class_path} ({exc}); install "
-                "the package that defines it where the committer runs"
+                f"stream {key_json}: cannot import trigger class {shown} "
+                f"({type(exc).__name__}: {_first_line(exc)}); install the package that "
+                "defines it where the committer runs"
             ) from None
-        return adapt_producer(trigger_class.create_shared_stream_producer(kwargs))
+        try:
+            return adapt_producer(trigger_class.create_shared_stream_producer(kwargs))
+        except Exception as exc:  # not a trigger class, or its kwargs do not fit it
+            raise ConfigurationError(
+                f"stream {key_json}: cannot build a producer with {shown}"
+                f".create_shared_stream_producer(kwargs) ({type(exc).__name__}: "
+                f"{_first_line(exc)}); the stored class path or kwargs do not fit the "
+                "installed trigger class"
+            ) from None
 
     async def _discard_rebuilt(self, stream_id: int) -> None:
         producer = self._rebuilt.pop(stream_id, None)
@@ -310,9 +330,10 @@ class LaneCommitter:
             return 0
         if self.metrics is not None:
             self.metrics.advanced([item.outcome for item in batch], time.perf_counter() - started)
-        if not await self._store.move_cursor(lease, self.owner, prefix[-1].position):
+        if not await self._store.move_cursor(lease, self.owner, prefix):
             log.warning(
-                "lane lease lost during advance; the next holder advances the batch again",
+                "cursor not moved (lease lost, or a redelivery changed an event of the batch); "
+                "the batch goes out again",
                 extra={"stream_id": lease.stream_id, "lane": lease.lane_key},
             )
             return 0

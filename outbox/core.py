@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -26,6 +27,8 @@ __all__ = (
     "contiguous_resolved_prefix",
     "is_expired",
     "plan_redelivery",
+    "short_repr",
+    "storable_key",
     "timeout_cadence",
 )
 
@@ -61,9 +64,49 @@ def canonical_json(value: Hashable | Any, *, what: str) -> str:
     try:
         return json.dumps(_jsonable(value), sort_keys=True, separators=(",", ":"))
     except (TypeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise TypeError(
-            f"{what} {value!r} cannot be stored ({exc}); use JSON scalars, lists and tuples"
+            f"{what} {short_repr(value)} cannot be stored ({reason}); "
+            "use JSON scalars, lists and tuples"
         ) from None
+
+
+# Stream keys, lane keys and event identities are indexed (btree): keep each well under the
+# largest entry Postgres can index (about 2,700 bytes).
+MAX_KEY_BYTES: Final = 2000
+
+
+def storable_key(text: str, *, what: str) -> str:
+    """``text`` if Postgres can store and index it as a key; else a one-line ``TypeError``
+    naming ``what`` and the fix."""
+    problem = None
+    if "\x00" in text:
+        problem = "contains a NUL character"
+    else:
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            problem = "is not valid Unicode (lone surrogate)"
+        else:
+            if size > MAX_KEY_BYTES:
+                problem = f"is {size} bytes, more than the {MAX_KEY_BYTES} a key may have"
+    if problem is not None:
+        raise TypeError(
+            f"{what} {short_repr(text)} {problem}; use a short text (e.g. a hash of the value)"
+        )
+    return text
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 3, 60, 60, 40
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)``, cut short (long strings, deep or wide structures) for one-line errors."""
+    try:
+        return _SHORT.repr(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +189,8 @@ class LaneEvent:
     failed: int
     rejected: int
     payload: Any
+    version: str = ""
+    """The row version read; moving the cursor checks it is still the current one."""
 
 
 def contiguous_resolved_prefix(

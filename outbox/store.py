@@ -321,7 +321,7 @@ _TAKE_LEASE = sa.text(
 
 _READ_PREFIX = sa.text(
     """
-    SELECT id, position, pending, acked, failed, rejected, payload::text
+    SELECT id, position, pending, acked, failed, rejected, payload::text, xmin::text
     FROM outbox_event
     WHERE lane_id = :lane_id AND position > :after
     ORDER BY position
@@ -329,17 +329,28 @@ _READ_PREFIX = sa.text(
     """
 )
 
+# The cursor moves over exactly the event versions that were advanced: a redelivery that
+# refreshed a payload or re-opened an event of the batch meanwhile (a new row version, ``xmin``)
+# makes the batch go out again. FOR UPDATE waits for such a writer and then sees its version.
 _MOVE_CURSOR = sa.text(
     """
+    WITH current AS (
+        SELECT e.id, e.xmin::text AS version, e.pending FROM outbox_event AS e
+        WHERE e.lane_id = :lane_id AND e.position > :after AND e.position <= :through
+        FOR UPDATE
+    ),
+    changed AS (
+        SELECT 1 FROM current AS c
+        LEFT JOIN unnest(CAST(:ids AS bigint[]), CAST(:versions AS text[])) AS x(id, version)
+               ON x.id = c.id
+        WHERE c.pending > 0 OR x.version IS DISTINCT FROM c.version
+    )
     UPDATE outbox_lane
     SET advanced_through = :through, attempts = 0, last_error = NULL, stalled_since = NULL,
         retry_at = NULL
     WHERE id = :lane_id AND fencing_token = :token AND lease_owner = :owner
       AND lease_expires_at > now() AND advanced_through = :after
-      -- a redelivery may have re-opened an event of the batch meanwhile: advance it again later
-      AND NOT EXISTS (SELECT 1 FROM outbox_event AS e
-                      WHERE e.lane_id = :lane_id AND e.position > :after
-                        AND e.position <= :through AND e.pending > 0)
+      AND NOT EXISTS (SELECT 1 FROM changed)
     RETURNING id
     """
 )
@@ -832,13 +843,16 @@ class OutboxStore:
                     failed=r[4],
                     rejected=r[5],
                     payload=json.loads(r[6]) if r[6] is not None else None,
+                    version=r[7],
                 )
                 for r in rows
             ]
 
-    async def move_cursor(self, lease: LaneLease, owner: str, through: int) -> bool:
-        """Move the lane's cursor to ``through`` if the lease is still ours (fencing token,
-        owner and expiry checked in the same statement)."""
+    async def move_cursor(
+        self, lease: LaneLease, owner: str, advanced: Sequence[LaneEvent]
+    ) -> bool:
+        """Move the lane's cursor over the ``advanced`` events if the lease is still ours
+        (fencing token, owner and expiry) and none of them changed since they were read."""
         async with self.engine.begin() as conn:
             row = (
                 await conn.execute(
@@ -848,7 +862,9 @@ class OutboxStore:
                         "token": lease.fencing_token,
                         "owner": owner,
                         "after": lease.advanced_through,
-                        "through": through,
+                        "through": advanced[-1].position,
+                        "ids": [e.event_id for e in advanced],
+                        "versions": [e.version for e in advanced],
                     },
                 )
             ).first()
