@@ -584,8 +584,11 @@ async def test_pump_continues_after_advance_raises(
         assert all(batch[0] == "p1" for batch in attempted[:2])
         assert len(_advance_errors(caplog)) == 1
         assert sub.error is None and KEY in manager._streams
-        [lane] = await lane_rows(store)
-        assert lane["attempts"] == 0 and lane["last_error"] is None
+        # The cursor moves (clearing the stall) right after the advance returns.
+        await wait_until_async(
+            lambda: lane_rows(store),
+            lambda rows: rows[0]["attempts"] == 0 and rows[0]["last_error"] is None,
+        )
 
 
 async def test_advance_raise_abandons_whole_batch(
@@ -717,6 +720,10 @@ async def test_scenario_71_advance_failure_does_not_end_the_stream(
         s1 = Background(manager.subscribe(trigger_id=1, trigger=StreamTrigger()))
         s2 = Background(manager.subscribe(trigger_id=2, trigger=StreamTrigger()))
         await wait_until(lambda: "b1" in producer.advanced and failures >= 1)
+        await wait_until_async(
+            lambda: lane_rows(store),
+            lambda rows: any(r["lane_key"] == '"a"' and r["stalled_since"] for r in rows),
+        )
         stalled = {r["lane_key"]: r for r in await lane_rows(store)}
         assert stalled['"a"']["stalled_since"] is not None
         assert stalled['"a"']["last_error"] == "RuntimeError: lane a down"
@@ -730,7 +737,9 @@ async def test_scenario_71_advance_failure_does_not_end_the_stream(
         assert len(s1.items) == len(s2.items) == 4
         assert s1.error is None and s2.error is None
         assert len(StreamTrigger.factory_calls) == 1 and producer.aclose_calls == 0
-        assert all(r["stalled_since"] is None for r in await lane_rows(store))
+        await wait_until_async(
+            lambda: lane_rows(store), lambda rows: all(r["stalled_since"] is None for r in rows)
+        )
 
 
 @pytest.mark.parametrize("grace", [0.5, 0.0])
