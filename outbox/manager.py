@@ -28,6 +28,7 @@ from outbox.writer import Writer
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Coroutine, Hashable
 
+from outbox.interop import adapt_producer, open_airflow_reject_window
 __all__ = ("SharedStreamManager", "SubscriberOverflow")
 
 log = logging.getLogger("outbox.manager")
@@ -348,7 +349,9 @@ class SharedStreamManager:
             for subscriber, payload_json, trigger_event in early:
                 self._store_unbound(stream, subscriber, payload_json, trigger_event)
             if stream.ack_mode:
-                producer = stream.trigger_class.create_shared_stream_producer(stream.kwargs)
+                producer = adapt_producer(
+                    stream.trigger_class.create_shared_stream_producer(stream.kwargs)
+                )
                 stream.producer = producer
                 if self.committer is not None:
                     self.committer.add_producer(stream.stream_id, producer)
@@ -682,10 +685,16 @@ class SharedStreamManager:
             self._resolve(stream, subscriber, event_id, ACKED, None, records, events)
 
     def _reject(self, stream: _Stream, subscriber: _Subscriber) -> None:
+            assert subscriber.binding is not None
+            close_airflow_window = open_airflow_reject_window(
+                subscriber.binding.reject, subscriber.trigger_id, event_id
+            )
         event_id = subscriber.window
         if event_id is None or subscriber.window_rejected:
             log.warning(
                 "reject_shared_stream_event called outside an ack-mode binding window; ignored"
+                if close_airflow_window is not None:
+                    close_airflow_window()
             )
             return
         log.info(
@@ -699,7 +708,8 @@ class SharedStreamManager:
     def _on_trigger_event(
         self, stream: _Stream, subscriber: _Subscriber, trigger_event: TriggerEvent
     ) -> None:
-        if not isinstance(trigger_event, TriggerEvent):
+        # Airflow's own TriggerEvent (a pydantic model) is welcome too: only .payload is used.
+        if not isinstance(trigger_event, TriggerEvent) and not hasattr(trigger_event, "payload"):
             raise TypeError(
                 f"stream {stream.key!r}: subscriber {subscriber.trigger_id} yielded "
                 f"{type(trigger_event).__name__}, expected TriggerEvent"
