@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from outbox.committer import LaneCommitter
 from outbox.core import ACKED, FAILED, REJECTED, canonical_json, is_expired, timeout_cadence
 from outbox.errors import StreamTerminated
+from outbox.interop import adapt_producer, open_airflow_reject_window
 from outbox.protocol import AckTimeout, SharedStreamProducer, _Binding, _current_binding, to_json
 from outbox.store import EventToRecord, OutboxStore, ResolutionRow
 from outbox.triggers import BaseEventTrigger, TriggerEvent, is_ack_mode
@@ -28,7 +29,6 @@ from outbox.writer import Writer
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Coroutine, Hashable
 
-from outbox.interop import adapt_producer, open_airflow_reject_window
 __all__ = ("SharedStreamManager", "SubscriberOverflow")
 
 log = logging.getLogger("outbox.manager")
@@ -670,10 +670,16 @@ class SharedStreamManager:
             subscriber.window = event_id
             subscriber.window_rejected = False
             _current_binding.set(subscriber.binding)
+            assert subscriber.binding is not None
+            close_airflow_window = open_airflow_reject_window(
+                subscriber.binding.reject, subscriber.trigger_id, event_id
+            )
             try:
                 yield raw
             finally:
                 _current_binding.set(None)
+                if close_airflow_window is not None:
+                    close_airflow_window()
 
     def _close_window(self, stream: _Stream, subscriber: _Subscriber) -> None:
         event_id = subscriber.window
@@ -685,16 +691,10 @@ class SharedStreamManager:
             self._resolve(stream, subscriber, event_id, ACKED, None, records, events)
 
     def _reject(self, stream: _Stream, subscriber: _Subscriber) -> None:
-            assert subscriber.binding is not None
-            close_airflow_window = open_airflow_reject_window(
-                subscriber.binding.reject, subscriber.trigger_id, event_id
-            )
         event_id = subscriber.window
         if event_id is None or subscriber.window_rejected:
             log.warning(
                 "reject_shared_stream_event called outside an ack-mode binding window; ignored"
-                if close_airflow_window is not None:
-                    close_airflow_window()
             )
             return
         log.info(
