@@ -3,8 +3,7 @@ the interop tests: they must run unchanged on outbox's manager and committer."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Hashable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 from airflow.triggers.shared_stream import (
@@ -12,6 +11,9 @@ from airflow.triggers.shared_stream import (
     SharedStreamProducer,
     reject_shared_stream_event,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Hashable, Sequence
 
 
 class QueueProducer(SharedStreamProducer):
