@@ -23,7 +23,7 @@ from outbox.errors import StreamTerminated
 from outbox.interop import adapt_producer, open_airflow_reject_window
 from outbox.protocol import AckTimeout, SharedStreamProducer, _Binding, _current_binding, to_json
 from outbox.store import EventToRecord, OutboxStore, ResolutionRow
-from outbox.triggers import BaseEventTrigger, TriggerEvent, is_ack_mode
+from outbox.triggers import ShareableTrigger, TriggerEvent, is_ack_mode
 from outbox.writer import Writer
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ class _Outstanding:
 class _Subscriber:
     trigger_id: Any
     name: str
-    trigger: BaseEventTrigger
+    trigger: ShareableTrigger
     raw: _RawQueue
     output: deque[TriggerEvent | _End] = field(default_factory=deque)
     output_waiter: asyncio.Future[None] | None = None
@@ -134,7 +134,7 @@ class _Subscriber:
 class _Stream:
     key: Hashable
     key_json: str
-    trigger_class: type[BaseEventTrigger]
+    trigger_class: type[Any]
     class_path: str
     kwargs: dict[str, Any]
     kwargs_json: str
@@ -229,7 +229,7 @@ class SharedStreamManager:
     # -- public API -------------------------------------------------------------------------
 
     def subscribe(
-        self, *, trigger_id: Any, trigger: BaseEventTrigger, key: Hashable | None = None
+        self, *, trigger_id: Any, trigger: ShareableTrigger, key: Hashable | None = None
     ) -> AsyncIterator[TriggerEvent]:
         """Join ``trigger`` to the stream ``key`` (default ``trigger.shared_stream_key()``).
 
@@ -310,7 +310,7 @@ class SharedStreamManager:
 
     # -- streams ------------------------------------------------------------------------------
 
-    def _new_stream(self, key: Hashable, trigger: BaseEventTrigger) -> _Stream:
+    def _new_stream(self, key: Hashable, trigger: ShareableTrigger) -> _Stream:
         key_json = canonical_json(key, what="shared stream key")
         class_path, kwargs = trigger.serialize()
         kwargs_json = to_json(kwargs, what=f"stream {key!r}: trigger kwargs of {class_path}")

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Hashable
 
     from outbox.protocol import SharedStreamProducer
 
-__all__ = ("BaseEventTrigger", "TriggerEvent")
+__all__ = ("BaseEventTrigger", "ShareableTrigger", "TriggerEvent")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +70,16 @@ class BaseEventTrigger(ABC):
         raise NotImplementedError(
             f"{cls.__qualname__} does not implement create_shared_stream_producer"
         )
+
+
+class ShareableTrigger(Protocol):
+    """What the manager needs of a trigger: outbox's ``BaseEventTrigger`` or Airflow's."""
+
+    def serialize(self) -> tuple[str, dict[str, Any]]: ...
+
+    def shared_stream_key(self) -> Hashable | None: ...
+
+    def filter_shared_stream(self, shared_stream: AsyncIterator[Any]) -> AsyncIterator[Any]: ...
 
 
 def is_ack_mode(trigger_class: type) -> bool:
