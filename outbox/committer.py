@@ -121,8 +121,10 @@ class LaneCommitter:
     def add_producer(self, stream_id: int, producer: SharedStreamProducer) -> None:
         self._local[stream_id] = producer
 
-    def remove_producer(self, stream_id: int) -> None:
-        self._local.pop(stream_id, None)
+    def remove_producer(self, stream_id: int, producer: SharedStreamProducer | None = None) -> None:
+        """Forget the producer of ``stream_id`` (only if it is still ``producer``, when given)."""
+        if producer is None or self._local.get(stream_id) is producer:
+            self._local.pop(stream_id, None)
 
     def local_stream_ids(self) -> list[int] | None:
         """The streams this committer serves when it only has handed-in producers."""

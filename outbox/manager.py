@@ -224,7 +224,6 @@ class SharedStreamManager:
         # Which stream's producer the in-process committer holds for a stream id: a fresh stream
         # for a key can start while the old one is still finishing, and the old one must not
         # take the new producer away.
-        self._committer_producers: dict[int, _Stream] = {}
 
     # -- public API -------------------------------------------------------------------------
 
@@ -355,7 +354,6 @@ class SharedStreamManager:
                 stream.producer = producer
                 if self.committer is not None:
                     self.committer.add_producer(stream.stream_id, producer)
-                    self._committer_producers[stream.stream_id] = stream
                 stream.timeout_task = asyncio.get_running_loop().create_task(
                     self._enforce_timeouts(stream),
                     name=f"shared-stream-ack-timeout[{stream.key!r}]",
@@ -423,9 +421,8 @@ class SharedStreamManager:
         if stream.producer is not None:
             if self.committer is not None:
                 await self.committer.drain(stream.stream_id)
-                if self._committer_producers.get(stream.stream_id) is stream:
-                    del self._committer_producers[stream.stream_id]
-                    self.committer.remove_producer(stream.stream_id)
+                # A newer stream of the same key may have registered its own producer.
+                self.committer.remove_producer(stream.stream_id, stream.producer)
             try:
                 await stream.producer.aclose()
             except Exception:
