@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from outbox.committer import LaneCommitter
-from outbox.core import ACKED, FAILED, REJECTED, canonical_json, is_expired, timeout_cadence
+from outbox.core import (
+    ACKED,
+    FAILED,
+    REJECTED,
+    canonical_json,
+    is_expired,
+    storable_key,
+    timeout_cadence,
+)
 from outbox.errors import StreamTerminated
 from outbox.interop import adapt_producer, open_airflow_reject_window
 from outbox.protocol import AckTimeout, SharedStreamProducer, _Binding, _current_binding, to_json
@@ -310,8 +318,11 @@ class SharedStreamManager:
     # -- streams ------------------------------------------------------------------------------
 
     def _new_stream(self, key: Hashable, trigger: ShareableTrigger) -> _Stream:
-        key_json = canonical_json(key, what="shared stream key")
+        key_json = storable_key(
+            canonical_json(key, what="shared stream key"), what="shared stream key"
+        )
         class_path, kwargs = trigger.serialize()
+        storable_key(class_path, what=f"stream {key!r}: trigger class path")
         kwargs_json = to_json(kwargs, what=f"stream {key!r}: trigger kwargs of {class_path}")
         return _Stream(
             key=key,
@@ -479,12 +490,17 @@ class SharedStreamManager:
     async def _stage(self, stream: _Stream, producer: SharedStreamProducer, item: Any) -> None:
         raw, payload = item
         where = f"stream {stream.key!r}"
-        lane_json = canonical_json(producer.get_advance_lane(payload), what=f"{where}: lane")
+        lane_json = storable_key(
+            canonical_json(producer.get_advance_lane(payload), what=f"{where}: lane"),
+            what=f"{where}: lane",
+        )
         identity = producer.get_event_key(payload)
         if identity is not None and not isinstance(identity, str):
             raise TypeError(
                 f"{where}: get_event_key returned {type(identity).__name__}, expected str or None"
             )
+        if identity is not None:
+            storable_key(identity, what=f"{where}: get_event_key returned")
         raw_json = to_json(producer.serialize_event(raw), what=f"{where}: raw event")
         payload_json = to_json(
             producer.serialize_payload(payload),

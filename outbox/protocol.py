@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -146,8 +147,34 @@ def reject_shared_stream_event() -> None:
 
 
 def to_json(value: Any, *, what: str) -> str:
-    """Serialise ``value`` to JSON text, or raise ``TypeError`` naming ``what`` and the fix."""
+    """Serialise ``value`` to JSON text, or raise ``TypeError`` naming ``what`` and the fix.
+
+    Also refuses what Postgres' ``jsonb`` cannot hold (NUL characters, lone surrogates), so
+    that such a value fails here, alone, rather than the whole batch it would be written with.
+    """
     try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"{what} is not JSON-serialisable ({exc})") from None
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise TypeError(f"{what} is not JSON-serialisable ({reason})") from None
+    except RecursionError:
+        raise TypeError(f"{what} is nested too deeply to serialise; flatten it") from None
+    # Rare escapes only: a NUL, or a surrogate (a non-BMP character, or a lone one).
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
+        raise TypeError(
+            f"{what} contains a NUL character (\\u0000), which Postgres cannot store; "
+            "remove it or encode the value (e.g. base64)"
+        )
+    if "\\ud" in text:
+        try:
+            json.dumps(json.loads(text), ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise TypeError(
+                f"{what} contains a lone surrogate (invalid Unicode), which Postgres cannot "
+                "store; decode the text properly or encode the value (e.g. base64)"
+            ) from None
+    return text
+
+
+# ``\u0000`` as an escape, not as a backslash followed by ``u0000``.
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
