@@ -41,7 +41,7 @@ __all__ = (
 )
 
 VERSION_TABLE = "outbox_alembic_version"
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"
 NOTIFY_CHANNEL = "outbox_resolved"
 RECORDS_CHANNEL = "outbox_records"
 READER_LOCK_CLASS = 0x0B0C
@@ -453,15 +453,23 @@ _PRUNE_RECORDS = sa.text(
     """
 )
 
-# Advanced: at or behind its lane's cursor. Deliveries go with the event (cascade);
-# undispatched records stay, detached from it.
+# Advanced: at or behind its lane's cursor. Deliveries go with the event; records stay (the
+# dispatched ones are pruned by age above), detached from it.
 _PRUNE_EVENTS = sa.text(
     """
-    DELETE FROM outbox_event WHERE id IN (
+    WITH doomed AS (
         SELECT e.id FROM outbox_event AS e JOIN outbox_lane AS l ON l.id = e.lane_id
         WHERE e.position <= l.advanced_through
           AND e.created_at < now() - make_interval(secs => :retention)
-        ORDER BY e.id LIMIT :batch FOR UPDATE OF e SKIP LOCKED)
+        ORDER BY e.id LIMIT :batch FOR UPDATE OF e SKIP LOCKED
+    ),
+    deliveries AS (
+        DELETE FROM outbox_delivery WHERE event_id IN (SELECT id FROM doomed)
+    ),
+    detached AS (
+        UPDATE outbox_record SET event_id = NULL WHERE event_id IN (SELECT id FROM doomed)
+    )
+    DELETE FROM outbox_event WHERE id IN (SELECT id FROM doomed)
     """
 )
 
