@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import json.encoder
 import logging
 import re
 from abc import ABC, abstractmethod
@@ -146,6 +147,33 @@ def reject_shared_stream_event() -> None:
     binding.reject()
 
 
+def _unserialisable(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _encoder() -> Callable[[Any], str]:
+    """Compact, NaN-refusing JSON encoding, built once: ``json.dumps`` with non-default options
+    builds a new encoder per call, which costs four times the encoding of a small value."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - CPython always has the C accelerator
+        return lambda value: json.dumps(value, separators=(",", ":"), allow_nan=False)
+    encode = make(
+        None,
+        _unserialisable,
+        json.encoder.encode_basestring_ascii,
+        None,
+        ":",
+        ",",
+        False,
+        False,
+        False,
+    )
+    return lambda value: "".join(encode(value, 0))
+
+
+_encode = _encoder()
+
+
 def to_json(value: Any, *, what: str) -> str:
     """Serialise ``value`` to JSON text, or raise ``TypeError`` naming ``what`` and the fix.
 
@@ -153,7 +181,7 @@ def to_json(value: Any, *, what: str) -> str:
     that such a value fails here, alone, rather than the whole batch it would be written with.
     """
     try:
-        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+        text = _encode(value)
     except (TypeError, ValueError) as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise TypeError(f"{what} is not JSON-serialisable ({reason})") from None
