@@ -9,6 +9,7 @@ between the advance and the cursor update advances the batch again: advance is a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import logging
 import os
@@ -111,6 +112,7 @@ class LaneCommitter:
         self.listening = False
         self._wakeup = asyncio.Event()
         self._stopping = False
+        self._leases: dict[int, tuple[LaneLease, float]] = {}
         self.metrics = metrics
         self.prune_retention = prune_retention
         self.housekeeping_interval = housekeeping_interval
@@ -290,10 +292,25 @@ class LaneCommitter:
 
     async def release(self) -> None:
         """Give up every lease this committer holds (on a graceful stop)."""
+        self._leases.clear()
         await self._store.release_leases(self.owner)
 
-    async def _advance_lane(self, lane_id: int) -> int:
+    async def _lease(self, lane_id: int) -> LaneLease | None:
+        """Our lease on the lane: the one held, while well inside its term (it is fenced by
+        its token anyway), else a new one from the database."""
+        now = asyncio.get_running_loop().time()
+        held = self._leases.get(lane_id)
+        if held is not None and held[1] > now:
+            return held[0]
         lease = await self._store.take_lease(lane_id, self.owner, self.lease_seconds)
+        if lease is None:
+            self._leases.pop(lane_id, None)
+        else:
+            self._leases[lane_id] = (lease, now + self.lease_seconds / 2)
+        return lease
+
+    async def _advance_lane(self, lane_id: int) -> int:
+        lease = await self._lease(lane_id)
         if lease is None:
             return 0
         try:
@@ -327,18 +344,24 @@ class LaneCommitter:
                     "batch_size": len(prefix),
                 },
             )
+            self._leases.pop(lane_id, None)
             await self._failed(lease, f"{type(exc).__name__}: {exc}")
             await self._discard_rebuilt(lease.stream_id)
             return 0
         if self.metrics is not None:
             self.metrics.advanced([item.outcome for item in batch], time.perf_counter() - started)
         if not await self._store.move_cursor(lease, self.owner, prefix):
+            self._leases.pop(lane_id, None)
             log.warning(
                 "cursor not moved (lease lost, or a redelivery changed an event of the batch); "
                 "the batch goes out again",
                 extra={"stream_id": lease.stream_id, "lane": lease.lane_key},
             )
             return 0
+        held = self._leases.get(lane_id)
+        if held is not None:
+            moved = dataclasses.replace(lease, advanced_through=prefix[-1].position, attempts=0)
+            self._leases[lane_id] = (moved, held[1])
         return len(prefix)
 
     async def _failed(self, lease: LaneLease, error: str) -> None:
