@@ -182,6 +182,9 @@ class SharedStreamManager:
         streams with its own producer instances (needed when acks must come from the consuming
         connection). Turn it off when a separate ``outbox committer`` advances them.
     :param write_batch: most items one group-committed transaction carries.
+    :param max_trigger_events_per_event: most trigger events a subscriber may yield for one raw
+        event (they commit in one transaction with its resolution); past it the subscriber
+        fails for that event with a one-line error.
     :param outage_limit: seconds a write keeps retrying while the database is unreachable
         (backoff up to 2 s between attempts); past it the stream's subscribers get
         ``DatabaseUnavailable`` and may subscribe again.
@@ -200,6 +203,7 @@ class SharedStreamManager:
         write_batch: int = 4000,
         committer_options: dict[str, Any] | None = None,
         outage_limit: float = 60.0,
+        max_trigger_events_per_event: int = 100_000,
     ) -> None:
         if ack_timeout <= 0:
             raise ValueError(f"ack_timeout must be positive, got {ack_timeout!r}")
@@ -212,6 +216,7 @@ class SharedStreamManager:
         self._store = store
         self.ack_timeout = ack_timeout
         self.max_subscriber_queue = max_subscriber_queue
+        self.max_trigger_events_per_event = max_trigger_events_per_event
         self.cohort_grace_period = cohort_grace_period
         self._now = clock or time.monotonic
         self.overflow = overflow
@@ -740,6 +745,13 @@ class SharedStreamManager:
                     extra={"trigger_id": subscriber.trigger_id, "event_id": subscriber.window},
                 )
                 return
+            if len(subscriber.window_records) >= self.max_trigger_events_per_event:
+                # They all commit in one transaction with the event's resolution: bound it.
+                raise RuntimeError(
+                    f"stream {stream.key!r}: subscriber {subscriber.trigger_id} yielded more than "
+                    f"{self.max_trigger_events_per_event} trigger events for one raw event; "
+                    "raise max_trigger_events_per_event or split the work"
+                )
             subscriber.window_events.append(trigger_event)
             subscriber.window_records.append(payload_json)
             return

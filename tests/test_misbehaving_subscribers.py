@@ -95,3 +95,17 @@ async def test_thousands_of_trigger_events_for_one_event_are_stored_once(
     assert len(stored) == 5003
     assert len({(p["n"], p["k"]) for p in stored}) == 5003
     assert producer.outcomes[1] == AdvanceOutcome(2, 0)
+
+
+async def test_a_subscriber_past_the_per_event_bound_fails_itself_only(store: OutboxStore) -> None:
+    producer = RecordingProducer(EVENTS)
+    StreamTrigger.PRODUCERS["q"] = producer
+    async with SharedStreamManager(store, max_trigger_events_per_event=1000) as manager:
+        flood = Background(manager.subscribe(trigger_id="flood", trigger=Floods()))
+        good = Background(manager.subscribe(trigger_id="good", trigger=StreamTrigger()))
+        await flood.finished()
+        assert isinstance(flood.error, RuntimeError)
+        assert "more than 1000 trigger events for one raw event" in str(flood.error)
+        await wait_until(lambda: len(good.items) == 4 and len(producer.advanced) >= 2)
+    assert producer.outcomes[1] == AdvanceOutcome(1, 1)
+    assert [p for s, p in await records(store) if s == "flood"] == [{"n": 0, "k": 0}]
