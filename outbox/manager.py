@@ -601,17 +601,7 @@ class SharedStreamManager:
                 entry.pending.add(name)
                 targets.append(subscriber)
             for subscriber in targets:
-                if self.overflow == "fail" and subscriber.raw.full():
-                    self._force_fail(
-                        stream,
-                        subscriber,
-                        SubscriberOverflow(
-                            f"shared stream {stream.key!r} fell behind for trigger "
-                            f"{subscriber.trigger_id}: subscriber queue exceeded "
-                            f"maxsize={self.max_subscriber_queue}"
-                        ),
-                        "subscriber queue overflow",
-                    )
+                if self._overflowed(stream, subscriber):
                     continue
                 subscriber.raw.put((raw, event.event_id))
             if not entry.pending:
@@ -621,17 +611,7 @@ class SharedStreamManager:
         for subscriber in list(stream.subscribers.values()):
             if subscriber.failed:
                 continue
-            if subscriber.raw.full() and self.overflow == "fail":
-                self._force_fail(
-                    stream,
-                    subscriber,
-                    SubscriberOverflow(
-                        f"shared stream {stream.key!r} fell behind for trigger "
-                        f"{subscriber.trigger_id}: subscriber queue exceeded "
-                        f"maxsize={self.max_subscriber_queue}"
-                    ),
-                    "subscriber queue overflow",
-                )
+            if self._overflowed(stream, subscriber):
                 continue
             subscriber.raw.put((raw, -1))
         await self._wait_for_room(stream)
@@ -815,6 +795,21 @@ class SharedStreamManager:
             ResolutionRow(stream.stream_id, event_id, name, state, reason, records or ()),
             callback,
         )
+
+    def _overflowed(self, stream: _Stream, subscriber: _Subscriber) -> bool:
+        """With ``overflow="fail"``, fail a subscriber whose queue is full (Airflow's rule)."""
+        if self.overflow != "fail" or not subscriber.raw.full():
+            return False
+        self._force_fail(
+            stream,
+            subscriber,
+            SubscriberOverflow(
+                f"shared stream {stream.key!r} fell behind for trigger {subscriber.trigger_id}: "
+                f"subscriber queue exceeded maxsize={self.max_subscriber_queue}"
+            ),
+            "subscriber queue overflow",
+        )
+        return True
 
     def _force_fail(
         self, stream: _Stream, subscriber: _Subscriber, error: BaseException, reason: str
