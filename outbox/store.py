@@ -41,7 +41,7 @@ __all__ = (
 )
 
 VERSION_TABLE = "outbox_alembic_version"
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 NOTIFY_CHANNEL = "outbox_resolved"
 RECORDS_CHANNEL = "outbox_records"
 READER_LOCK_CLASS = 0x0B0C
@@ -375,8 +375,10 @@ _RELEASE_LEASES = sa.text(
 _EXPIRED_PENDING = sa.text(
     """
     SELECT e.stream_id, e.id, m.subscriber
-    FROM outbox_event AS e
-    JOIN outbox_stream AS s ON s.id = e.stream_id
+    FROM outbox_lane AS l
+    JOIN outbox_stream AS s ON s.id = l.stream_id
+    -- An unresolved event is always after its lane's cursor: the scan covers the backlog only.
+    JOIN outbox_event AS e ON e.lane_id = l.id AND e.position > l.advanced_through
     CROSS JOIN LATERAL jsonb_array_elements_text(e.snapshot) AS m(subscriber)
     WHERE e.pending > 0
       AND e.created_at <= now() - make_interval(secs => s.ack_timeout + :grace)
