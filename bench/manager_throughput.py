@@ -34,20 +34,20 @@ import gc
 import json
 import os
 import platform
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pgsupport import bench_database, plain_url
+
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Hashable, Iterator, Sequence
+    from collections.abc import AsyncIterator, Hashable, Sequence
 
     from outbox import AdvanceItem, OutboxStore, SharedStreamManager
 
@@ -385,127 +385,6 @@ async def run_unnest(args: argparse.Namespace) -> dict[str, Any]:
         "batch_events": batch,
         **cpu_figures(cpu0, cpu1, t1 - t0),
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Postgres for the benchmark
-# --------------------------------------------------------------------------------------------
-
-
-def plain_url(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _as_postgres(cmd: list[str]) -> list[str]:
-    if os.geteuid() == 0:
-        return ["runuser", "-u", "postgres", "--", *cmd]
-    return cmd
-
-
-@contextlib.contextmanager
-def throwaway_cluster() -> Iterator[str]:
-    """A fresh Postgres cluster with durable defaults (fsync, synchronous_commit on)."""
-    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
-    if not bins:
-        raise SystemExit(
-            "no Postgres server binaries under /usr/lib/postgresql; pass --database-url"
-        )
-    pg_bin = bins[-1]
-    run_dir = Path(tempfile.mkdtemp(prefix="outbox-bench-"))
-    pg_dir = run_dir / "pg"
-    pg_dir.mkdir()
-    if os.geteuid() == 0:
-        shutil.chown(pg_dir, "postgres")
-        run_dir.chmod(0o701)
-    port = _free_port()
-    data = pg_dir / "data"
-    subprocess.run(
-        _as_postgres(
-            [
-                str(pg_bin / "initdb"),
-                "-D",
-                str(data),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--locale=C.UTF-8",
-            ]
-        ),
-        stdout=subprocess.DEVNULL,
-        check=True,
-    )
-    ctl = [str(pg_bin / "pg_ctl"), "-D", str(data)]
-    subprocess.run(
-        _as_postgres(
-            [
-                *ctl,
-                "-l",
-                str(pg_dir / "log"),
-                "-w",
-                "-o",
-                f"-p {port} -k {pg_dir} -c listen_addresses=127.0.0.1",
-                "start",
-            ]
-        ),
-        stdout=subprocess.DEVNULL,
-        check=True,
-    )
-    try:
-        url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-        with _fresh_database(url) as db_url:
-            yield db_url
-    finally:
-        subprocess.run(
-            _as_postgres([*ctl, "-m", "fast", "-w", "stop"]), stdout=subprocess.DEVNULL, check=False
-        )
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _fresh_database(server_url: str) -> Iterator[str]:
-    """A new database on the server at ``server_url``, migrated to head, dropped afterwards."""
-    import asyncpg
-
-    from outbox.migrate import migrate
-
-    name = f"outbox_bench_{uuid.uuid4().hex[:8]}"
-    base = server_url.rsplit("/", 1)[0]
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(server_url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    try:
-        asyncio.run(migrate(f"{base}/{name}"))
-        yield f"{base}/{name}"
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-@contextlib.contextmanager
-def bench_database(url: str | None) -> Iterator[str]:
-    if url:
-        yield url
-    elif os.environ.get("PGPORT"):
-        host = os.environ.get("PGHOST", "127.0.0.1")
-        user = os.environ.get("PGUSER", "postgres")
-        with _fresh_database(f"postgresql://{user}@{host}:{os.environ['PGPORT']}/postgres") as db:
-            yield db
-    else:
-        with throwaway_cluster() as db:
-            yield db
 
 
 # --------------------------------------------------------------------------------------------
