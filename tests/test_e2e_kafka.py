@@ -35,6 +35,7 @@ import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from tests.e2e.triggers import COMMIT_LOG_TABLE, MODES, fires, rejects
+from tests.invariants import tally
 from tests.polling import eventually
 from tests.test_kafka import create_topic
 
@@ -270,29 +271,15 @@ async def test_triggerer_and_committer_killed_at_random_lose_and_duplicate_nothi
     assert await sampler.read() == dict(counts) == dict.fromkeys(range(PARTITIONS), 5000)
 
     # Trigger events: exactly once per (message, subscriber that fired for it), nothing else.
+    counted = await tally(store)
+    rows, failed, occurrences = counted.records, counted.failed, counted.occurrences
     async with store.engine.connect() as conn:
-        rows = (
-            await conn.execute(
-                sa.text(
-                    """
-                    SELECT e.identity, r.subscriber, (r.payload->>'n')::int, count(*)
-                    FROM outbox_record AS r LEFT JOIN outbox_event AS e ON e.id = r.event_id
-                    GROUP BY 1, 2, 3
-                    """
-                )
-            )
-        ).all()
-        failed = await conn.scalar(
-            sa.text("SELECT count(*) FROM outbox_delivery WHERE state = 'failed'")
-        )
-        occurrences = await conn.scalar(sa.text("SELECT count(*) FROM outbox_event"))
         log = (
             await conn.execute(
                 sa.text("SELECT partition, committed, previous FROM e2e_commit_log ORDER BY id")
             )
         ).all()
-    doubles = [row for row in rows if row[3] != 1]
-    assert not doubles, doubles[:10]
+    counted.assert_each_stored_once()
     stored: dict[tuple[int, str], int] = {}
     for identity, subscriber, n, _ in rows:
         assert identity is not None, (subscriber, n)

@@ -19,12 +19,12 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import pytest
-import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from outbox import SharedStreamManager, TriggerEvent, reject_shared_stream_event
 from outbox.kafka import KafkaSharedTrigger
 from tests.faults import accepts, free_port
+from tests.invariants import tally
 from tests.polling import eventually
 from tests.test_kafka import create_topic
 
@@ -204,25 +204,9 @@ async def test_frozen_broker_recovers_without_loss(
         await sampler.stop()
 
     expected = {(n, mode) for n in range(MESSAGES) for mode in MODES if accepts(mode, n)}
-    async with store.engine.connect() as conn:
-        rows = (
-            await conn.execute(
-                sa.text(
-                    """
-                    SELECT e.identity, r.subscriber, (r.payload->>'n')::int, count(*)
-                    FROM outbox_record AS r LEFT JOIN outbox_event AS e ON e.id = r.event_id
-                    GROUP BY 1, 2, 3
-                    """
-                )
-            )
-        ).all()
-        owed = await conn.scalar(sa.text("SELECT count(*) FROM outbox_event WHERE pending > 0"))
-        failed = await conn.scalar(
-            sa.text("SELECT count(*) FROM outbox_delivery WHERE state = 'failed'")
-        )
-    doubles = [row for row in rows if row[3] != 1]
-    assert not doubles, doubles[:10]
-    stored = {(n, subscriber) for _, subscriber, n, _ in rows}
+    counted = await tally(store)
+    owed, failed = counted.owed, counted.failed
+    stored = counted.assert_each_stored_once()
     assert stored == expected, (sorted(expected - stored)[:10], sorted(stored - expected)[:10])
     assert owed == 0 and failed == 0
     assert max(seen.values()) == 1 and set(seen) == expected

@@ -29,6 +29,7 @@ from outbox import LaneCommitter, OutboxStore, SharedStreamManager
 from outbox.errors import DatabaseUnavailable
 from outbox.migrate import migrate
 from tests.faults import PASSWORD, FakeLog, FakeLogProducer, LogTrigger, PgServer, accepts
+from tests.invariants import tally
 from tests.polling import eventually
 
 if TYPE_CHECKING:
@@ -169,25 +170,9 @@ async def check_invariants(
 ) -> dict[str, Any]:
     """Nothing lost, nothing stored twice, every lane committed to its end without a gap."""
     expected = {(n, mode) for n in range(total) for mode in MODES if accepts(mode, n)}
-    async with store.engine.connect() as conn:
-        rows = (
-            await conn.execute(
-                sa.text(
-                    """
-                    SELECT e.identity, r.subscriber, (r.payload->>'n')::int, count(*)
-                    FROM outbox_record AS r LEFT JOIN outbox_event AS e ON e.id = r.event_id
-                    GROUP BY 1, 2, 3
-                    """
-                )
-            )
-        ).all()
-        failed = await conn.scalar(
-            sa.text("SELECT count(*) FROM outbox_delivery WHERE state = 'failed'")
-        )
-        occurrences = await conn.scalar(sa.text("SELECT count(*) FROM outbox_event"))
-    doubles = [row for row in rows if row[3] != 1]
-    assert not doubles, doubles[:10]
-    stored = {(n, subscriber) for _, subscriber, n, _ in rows}
+    counted = await tally(store)
+    rows, failed, occurrences = counted.records, counted.failed, counted.occurrences
+    stored = counted.assert_each_stored_once()
     assert stored == expected, (sorted(expected - stored)[:10], sorted(stored - expected)[:10])
     for identity, _, n, _ in rows:
         lane, offset = map(int, identity.split(":"))
