@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from outbox.core import canonical_json
 from outbox.store import EventToRecord, ResolutionRow
 from tests.committer_crash_trigger import LOG_TABLE, LoggingTrigger
+from tests.polling import eventually
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -146,9 +147,11 @@ async def test_sigkill_between_advance_and_cursor_update_never_skips_or_reorders
         ready=True,
     )
     try:
-        while await cursors(store) != dict.fromkeys(LANES, per_lane):
-            assert time.monotonic() < deadline, await cursors(store)
-            await asyncio.sleep(0.1)
+
+        async def at_the_end() -> bool:
+            return await cursors(store) == dict.fromkeys(LANES, per_lane)
+
+        await eventually(at_the_end, within=max(1.0, deadline - time.monotonic()), interval=0.1)
     finally:
         assert stop(proc) == 0
     async with store.engine.connect() as conn:
@@ -181,12 +184,12 @@ async def test_sigterm_finishes_the_advance_in_flight_and_releases_leases(
     stream_id = await setup_stream(store, database_url, 5, hold=1.0)
     await resolve_all(store, stream_id, chunk=100, pause=0)
     proc = start_committer(database_url, "--lease-seconds", "30", ready=True)
-    deadline = time.monotonic() + 30
-    async with store.engine.connect() as conn:
-        while not await conn.scalar(sa.text("SELECT count(*) FROM crash_advance_log")):
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
-            await conn.commit()
+
+    async def advancing() -> bool:
+        async with store.engine.connect() as conn:
+            return bool(await conn.scalar(sa.text("SELECT count(*) FROM crash_advance_log")))
+
+    await eventually(advancing, within=30)
     assert stop(proc) == 0  # sent while an advance is in flight: it holds for a second
     after = await cursors(store)
     assert sorted(after.values(), reverse=True)[0] == 5  # the advance in flight was finished

@@ -29,6 +29,7 @@ from outbox import (
     TriggerEvent,
     reject_shared_stream_event,
 )
+from tests.polling import eventually
 from tests.streams import (
     Background,
     FakeClock,
@@ -522,10 +523,11 @@ async def wait_until_async(
     read: Callable[[], Awaitable[Any]], condition: Callable[[Any], bool], within: float = 10.0
 ) -> None:
     """Like ``wait_until`` for a condition on something read from the database."""
-    deadline = asyncio.get_running_loop().time() + within
-    while not condition(await read()):
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
+
+    async def met() -> bool:
+        return condition(await read())
+
+    await eventually(met, within=within, interval=0.005)
 
 
 def _advance_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -620,10 +622,7 @@ async def test_advance_raise_abandons_whole_batch(
         async def retried() -> bool:
             return await passes(committer) > 0
 
-        deadline = asyncio.get_running_loop().time() + 10
-        while not await retried():
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.01)
+        await eventually(retried, within=10, interval=0.01)
         assert calls == [["p1", "p2"], ["p1", "p2", "p3"]]
         assert producer.advanced == ["p1", "p2", "p3"]
         assert len(_advance_errors(caplog)) == 1
