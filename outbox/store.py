@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from outbox.core import LaneEvent, PriorOccurrence
+from outbox.core import LaneEvent, PriorOccurrence, plan_redelivery
 from outbox.errors import ConfigurationError, DatabaseUnavailable, SchemaNotMigrated
 from outbox.schema import lane, stream
 
@@ -617,8 +617,6 @@ class OutboxStore:
     async def record_events(self, conn: AsyncConnection, events: Sequence[EventToRecord]) -> None:
         """Record staged events: deduplicate by identity, allocate gap-free lane positions in
         this transaction, insert. Fills each event's ``event_id`` and ``deliver_to``."""
-        from outbox.core import plan_redelivery
-
         new_events: list[tuple[EventToRecord, dict[str, str]]] = []
         by_stream: dict[int, list[EventToRecord]] = {}
         for item in events:
