@@ -25,6 +25,7 @@ from pytest_postgresql import factories
 
 from outbox import OutboxStore
 from outbox.migrate import migrate
+from tests.streams import reset_doubles
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -66,6 +67,14 @@ def anyio_backend() -> str:
 
 
 HANG_REPORT_AFTER = 150.0
+
+
+@pytest.fixture(autouse=True)
+def forget_test_doubles() -> Iterator[None]:
+    """No test sees the producers and sources an earlier one registered on the test doubles."""
+    reset_doubles()
+    yield
+    reset_doubles()
 
 
 @pytest.fixture(autouse=True)

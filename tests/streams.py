@@ -255,6 +255,13 @@ if TYPE_CHECKING:
     FastSource = Callable[[dict[str, Any], int], AsyncIterator[Any]]
 
 
+def producer_of(*pairs: tuple[Any, Any], **options: Any) -> ScriptedProducer:
+    """A ``ScriptedProducer`` of ``pairs``, registered as the producer of stream "q"."""
+    producer = ScriptedProducer(list(pairs), **options)
+    StreamTrigger.PRODUCERS["q"] = producer
+    return producer
+
+
 class ScriptedTrigger(StreamTrigger):
     """A ``StreamTrigger`` whose filter is the async generator function ``script(self, raw)``."""
 

@@ -42,32 +42,19 @@ from tests.streams import (
     delivery_rows,
     event_rows,
     lane_rows,
+    producer_of,
     record_rows,
-    reset_doubles,
     settle,
     wait_resolved,
     wait_until,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
 pytestmark = pytest.mark.anyio
 
 KEY = ("queue", "q")
-
-
-@pytest.fixture(autouse=True)
-def _clean_doubles() -> Iterator[None]:
-    reset_doubles()
-    yield
-    reset_doubles()
-
-
-def producer_of(*pairs: tuple[Any, Any], **options: Any) -> ScriptedProducer:
-    producer = ScriptedProducer(list(pairs), **options)
-    StreamTrigger.PRODUCERS["q"] = producer
-    return producer
 
 
 def by_letter(payload: Any) -> str:

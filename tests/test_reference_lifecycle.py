@@ -36,25 +36,17 @@ from tests.streams import (
     delivery_rows,
     event_rows,
     record_rows,
-    reset_doubles,
     wait_until,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Hashable, Iterator
+    from collections.abc import AsyncIterator, Callable, Hashable
 
 # Marked here (not only by conftest's collection hook) so that parametrized tests keep their
 # parameters alongside anyio's backend parameter.
 pytestmark = pytest.mark.anyio
 
 MODES = ["fast", "ack"]
-
-
-@pytest.fixture(autouse=True)
-def _clean_doubles() -> Iterator[None]:
-    reset_doubles()
-    yield
-    reset_doubles()
 
 
 async def forever() -> None:

@@ -33,41 +33,27 @@ from tests.streams import (
     FakeClock,
     FastTrigger,
     Gate,
-    ScriptedProducer,
     ScriptedTrigger,
     StreamTrigger,
     Triggerers,
     collect,
     delivery_rows,
     event_rows,
+    producer_of,
     record_rows,
-    reset_doubles,
     settle,
     wait_resolved,
     wait_until,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator
 
     from outbox.manager import _Stream, _Subscriber
 
 pytestmark = pytest.mark.anyio
 
 KEY = ("queue", "q")
-
-
-@pytest.fixture(autouse=True)
-def _clean_doubles() -> Iterator[None]:
-    reset_doubles()
-    yield
-    reset_doubles()
-
-
-def producer_of(*pairs: tuple[Any, Any], **options: Any) -> ScriptedProducer:
-    producer = ScriptedProducer(list(pairs), **options)
-    StreamTrigger.PRODUCERS["q"] = producer
-    return producer
 
 
 def stream_of(manager: SharedStreamManager) -> _Stream:
