@@ -48,3 +48,20 @@ async def tally(store: OutboxStore) -> OutboxTally:
         occurrences = await conn.scalar(sa.text("SELECT count(*) FROM outbox_event"))
         owed = await conn.scalar(sa.text("SELECT count(*) FROM outbox_event WHERE pending > 0"))
     return OutboxTally([tuple(r) for r in records], failed or 0, occurrences or 0, owed or 0)
+
+
+async def settled(store: OutboxStore) -> bool:
+    """No event owes a resolution and every lane is advanced through its last position."""
+    async with store.engine.connect() as conn:
+        row = (
+            await conn.execute(
+                sa.text(
+                    """
+                    SELECT (SELECT count(*) FROM outbox_event WHERE pending > 0),
+                           (SELECT count(*) FROM outbox_lane
+                            WHERE advanced_through <> next_position - 1)
+                    """
+                )
+            )
+        ).one()
+    return bool(row[0] == 0 and row[1] == 0)

@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from tests.e2e.triggers import COMMIT_LOG_TABLE, MODES, fires, rejects
-from tests.invariants import tally
+from tests.invariants import settled, tally
 from tests.polling import eventually
 from tests.test_kafka import create_topic
 
@@ -163,23 +163,6 @@ async def read_dead_letters(bootstrap: str, topic: str, expected: set[int]) -> l
                     return seen
     finally:
         await consumer.stop()
-
-
-async def settled(store: OutboxStore) -> bool:
-    """No event owes a resolution and every lane is advanced through its last position."""
-    async with store.engine.connect() as conn:
-        row = (
-            await conn.execute(
-                sa.text(
-                    """
-                    SELECT (SELECT count(*) FROM outbox_event WHERE pending > 0),
-                           (SELECT count(*) FROM outbox_lane
-                            WHERE advanced_through <> next_position - 1)
-                    """
-                )
-            )
-        ).one()
-    return bool(row[0] == 0 and row[1] == 0)
 
 
 async def test_triggerer_and_committer_killed_at_random_lose_and_duplicate_nothing(

@@ -29,7 +29,7 @@ from outbox import LaneCommitter, OutboxStore, SharedStreamManager
 from outbox.errors import DatabaseUnavailable
 from outbox.migrate import migrate
 from tests.faults import PASSWORD, FakeLog, FakeLogProducer, LogTrigger, PgServer, accepts
-from tests.invariants import tally
+from tests.invariants import settled, tally
 from tests.polling import eventually
 
 if TYPE_CHECKING:
@@ -123,23 +123,6 @@ class Subscribers:
         for task in self.tasks.values():
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
-
-
-async def settled(store: OutboxStore) -> bool:
-    """No event owes a resolution and every lane is advanced through its last position."""
-    async with store.engine.connect() as conn:
-        row = (
-            await conn.execute(
-                sa.text(
-                    """
-                    SELECT (SELECT count(*) FROM outbox_event WHERE pending > 0),
-                           (SELECT count(*) FROM outbox_lane
-                            WHERE advanced_through <> next_position - 1)
-                    """
-                )
-            )
-        ).one()
-    return bool(row[0] == 0 and row[1] == 0)
 
 
 async def describe(store: OutboxStore, log: FakeLog) -> str:
