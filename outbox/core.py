@@ -9,7 +9,7 @@ import json
 import math
 import reprlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 if TYPE_CHECKING:
     from collections.abc import Hashable, Iterable, Mapping, Sequence
@@ -178,9 +178,9 @@ def plan_redelivery(snapshot: Sequence[str], prior: Iterable[PriorOccurrence]) -
     return plan
 
 
-@dataclass(frozen=True, slots=True)
-class LaneEvent:
-    """An event of a lane after its cursor, as the committer reads it."""
+class LaneEvent(NamedTuple):
+    """An event of a lane after its cursor, as the committer reads it (a tuple: one is made
+    per event and pass)."""
 
     event_id: int
     position: int

@@ -12,7 +12,7 @@ import json
 import re
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
@@ -90,9 +90,9 @@ class RecordedEvent:
     deliver_to: list[str]
 
 
-@dataclass(frozen=True, slots=True)
-class ResolutionRow:
-    """One subscriber's resolution of one event, with the trigger events it derived."""
+class ResolutionRow(NamedTuple):
+    """One subscriber's resolution of one event, with the trigger events it derived (a tuple:
+    one is made per resolution on the hot path)."""
 
     stream_id: int
     event_id: int
@@ -112,15 +112,31 @@ class LaneLease:
     attempts: int
 
 
+# A recording locks the rows of its lanes, and of the lanes of earlier occurrences of its
+# identities, before it reads or changes their events: positions are allocated under the lock, and
+# the committer's cursor move (``_LOCK_LEASED_LANE``) waits for a redelivery that changes an event.
 _LOCK_LANES = sa.text(
-    "SELECT id FROM outbox_lane WHERE id = ANY(CAST(:lane_ids AS bigint[])) ORDER BY id FOR UPDATE"
+    """
+    SELECT id FROM outbox_lane
+    WHERE id = ANY(CAST(:lane_ids AS bigint[]))
+       OR id IN (SELECT e.lane_id FROM outbox_event AS e
+                 WHERE e.stream_id = ANY(CAST(:stream_ids AS bigint[]))
+                   AND e.identity = ANY(CAST(:identities AS text[])))
+    ORDER BY id FOR UPDATE
+    """
 )
 
+# Locks the lanes in id order (two recordings of the same lanes cannot deadlock), then moves
+# their allocation counters: one round trip.
 _ALLOCATE_POSITIONS = sa.text(
     """
+    WITH locked AS (
+        SELECT id FROM outbox_lane WHERE id = ANY(CAST(:lane_ids AS bigint[]))
+        ORDER BY id FOR NO KEY UPDATE
+    )
     UPDATE outbox_lane AS l SET next_position = l.next_position + c.n
     FROM unnest(CAST(:lane_ids AS bigint[]), CAST(:counts AS bigint[])) AS c(lane_id, n)
-    WHERE l.id = c.lane_id
+    WHERE l.id = c.lane_id AND l.id IN (SELECT id FROM locked)
     RETURNING l.id, l.next_position - c.n
     """
 )
@@ -154,22 +170,26 @@ def _count(states: dict[str, str], state: str) -> int:
     return sum(1 for s in states.values() if s == state) if states else 0
 
 
+# The new ids come back as one array (in insertion order: ids grow with it), not a row each.
 _INSERT_EVENTS = sa.text(
     f"""
-    INSERT INTO outbox_event
-        (stream_id, lane_id, position, identity, raw, payload, snapshot, pending, acked, rejected,
-         resolved_at)
-    SELECT stream_id, lane_id, position, identity, raw::jsonb, payload::jsonb, snapshot::jsonb,
-           pending, acked, rejected, CASE WHEN pending = 0 THEN now() END
-    FROM unnest({_int_array("stream_ids")}, {_int_array("lane_ids")},
-                {_int_array("positions")}, {_text_array("identities")}, CAST(:raws AS text[]),
-                CAST(:payloads AS text[]), CAST(:snapshots AS text[]),
-                {_int_array("pendings", "int")}, {_int_array("ackeds", "int")},
-                {_int_array("rejecteds", "int")})
-         WITH ORDINALITY AS x(stream_id, lane_id, position, identity, raw, payload, snapshot,
-                              pending, acked, rejected, ord)
-    ORDER BY ord
-    RETURNING id
+    WITH inserted AS (
+        INSERT INTO outbox_event
+            (stream_id, lane_id, position, identity, raw, payload, snapshot, pending, acked,
+             rejected, resolved_at)
+        SELECT stream_id, lane_id, position, identity, raw::jsonb, payload::jsonb, snapshot::jsonb,
+               pending, acked, rejected, CASE WHEN pending = 0 THEN now() END
+        FROM unnest({_int_array("stream_ids")}, {_int_array("lane_ids")},
+                    {_int_array("positions")}, {_text_array("identities")}, CAST(:raws AS text[]),
+                    CAST(:payloads AS text[]), CAST(:snapshots AS text[]),
+                    {_int_array("pendings", "int")}, {_int_array("ackeds", "int")},
+                    {_int_array("rejecteds", "int")})
+             WITH ORDINALITY AS x(stream_id, lane_id, position, identity, raw, payload, snapshot,
+                                  pending, acked, rejected, ord)
+        ORDER BY ord
+        RETURNING id
+    )
+    SELECT coalesce(array_agg(id ORDER BY id), '{{}}') FROM inserted
     """
 )
 
@@ -184,7 +204,7 @@ _LOCK_PRIOR_OCCURRENCES = sa.text(
 _READ_PRIOR_OCCURRENCES = sa.text(
     """
     SELECT e.id, e.identity, e.position <= l.advanced_through AS advanced, e.pending,
-           e.snapshot::text,
+           e.snapshot::text, e.lane_id,
            coalesce((SELECT json_object_agg(d.subscriber, d.state) FROM outbox_delivery AS d
                      WHERE d.event_id = e.id), '{}')::text
     FROM outbox_event AS e JOIN outbox_lane AS l ON l.id = e.lane_id
@@ -225,19 +245,22 @@ _INSERT_CARRIED = sa.text(
 )
 
 # First resolution wins: a delivery row is inserted only if none exists, trigger events are
-# stored only for the acked deliveries that won, and the event's counts move by what won.
+# stored only for the acked deliveries that won, and the event's counts move by what won. The
+# statement returns the resolutions that lost (normally none), not the thousands that won.
 _RESOLVE = sa.text(
     f"""
-    WITH won AS (
+    WITH wanted AS (
+        SELECT * FROM unnest({_int_array("event_ids")}, {_text_array("subscribers")},
+                             {_text_array("states")}, {_text_array("reasons")})
+             WITH ORDINALITY AS r(event_id, subscriber, state, reason, ord)
+    ),
+    won AS (
         INSERT INTO outbox_delivery (event_id, subscriber, state, reason)
-        SELECT event_id, subscriber, state, reason
-        FROM unnest({_int_array("event_ids")}, {_text_array("subscribers")},
-                    {_text_array("states")}, {_text_array("reasons")})
-             AS r(event_id, subscriber, state, reason)
+        SELECT event_id, subscriber, state, reason FROM wanted ORDER BY ord
         ON CONFLICT (event_id, subscriber) DO NOTHING
         RETURNING event_id, subscriber, state
     ),
-    stored AS (  -- runs although nothing reads it, as every data-modifying WITH does
+    stored AS (
         INSERT INTO outbox_record (stream_id, event_id, subscriber, ordinal, payload)
         SELECT x.stream_id, x.event_id, x.subscriber, x.ordinal, x.payload::jsonb
         FROM unnest({_int_array("rec_stream_ids")}, {_int_array("rec_event_ids")},
@@ -246,7 +269,7 @@ _RESOLVE = sa.text(
              AS x(stream_id, event_id, subscriber, ordinal, payload)
         JOIN won ON won.event_id = x.event_id AND won.subscriber = x.subscriber
                 AND won.state = 'acked'
-        RETURNING 1
+        RETURNING stream_id
     ),
     counts AS (
         SELECT event_id,
@@ -264,18 +287,26 @@ _RESOLVE = sa.text(
         FROM counts AS c WHERE e.id = c.event_id
         RETURNING e.id, e.pending, e.lane_id
     ),
-    notified AS (
+    lanes_notified AS (
         SELECT pg_notify('{NOTIFY_CHANNEL}', string_agg(DISTINCT lane_id::text, ','))
         FROM updated WHERE pending = 0 HAVING count(*) > 0
+    ),
+    records_notified AS (
+        SELECT pg_notify('{RECORDS_CHANNEL}', string_agg(DISTINCT stream_id::text, ','))
+        FROM stored HAVING count(*) > 0
     )
-    SELECT event_id, subscriber FROM won
-    UNION ALL SELECT NULL, NULL FROM notified
+    SELECT w.event_id, w.subscriber, w.state FROM wanted AS w
+    WHERE NOT EXISTS (SELECT 1 FROM won
+                      WHERE won.event_id = w.event_id AND won.subscriber = w.subscriber
+                        AND won.state = w.state)
+    UNION ALL SELECT NULL, NULL, NULL FROM lanes_notified
+    UNION ALL SELECT NULL, NULL, NULL FROM records_notified
     """
 )
 
 _RESOLVED_AS = sa.text(
     f"""
-    SELECT d.event_id, d.subscriber
+    SELECT d.event_id, d.subscriber, d.state
     FROM unnest({_int_array("event_ids")}, {_text_array("subscribers")}, {_text_array("states")})
          AS r(event_id, subscriber, state)
     JOIN outbox_delivery AS d
@@ -284,11 +315,16 @@ _RESOLVED_AS = sa.text(
 )
 
 _INSERT_UNBOUND_RECORDS = sa.text(
-    """
-    INSERT INTO outbox_record (stream_id, event_id, subscriber, ordinal, payload)
-    SELECT stream_id, NULL, subscriber, 0, payload::jsonb
-    FROM unnest(CAST(:stream_ids AS bigint[]), CAST(:subscribers AS text[]),
-                CAST(:payloads AS text[])) AS x(stream_id, subscriber, payload)
+    f"""
+    WITH stored AS (
+        INSERT INTO outbox_record (stream_id, event_id, subscriber, ordinal, payload)
+        SELECT stream_id, NULL, subscriber, 0, payload::jsonb
+        FROM unnest(CAST(:stream_ids AS bigint[]), CAST(:subscribers AS text[]),
+                    CAST(:payloads AS text[])) AS x(stream_id, subscriber, payload)
+        RETURNING stream_id
+    )
+    SELECT pg_notify('{RECORDS_CHANNEL}', string_agg(DISTINCT stream_id::text, ','))
+    FROM stored HAVING count(*) > 0
     """
 )
 
@@ -319,11 +355,19 @@ _TAKE_LEASE = sa.text(
     """
 )
 
+# Only the resolved prefix comes back: the events up to the first pending one (looked for within
+# the next ``limit`` positions), so that a lane's unresolved backlog is not read on every pass.
 _READ_PREFIX = sa.text(
     """
     SELECT id, position, pending, acked, failed, rejected, payload::text, xmin::text
     FROM outbox_event
     WHERE lane_id = :lane_id AND position > :after
+      AND position < coalesce(
+        (SELECT p.position FROM outbox_event AS p
+         WHERE p.lane_id = :lane_id AND p.position > :after AND p.position <= :after + :limit
+           AND p.pending > 0
+         ORDER BY p.position LIMIT 1),
+        :after + :limit + 1)
     ORDER BY position
     LIMIT :limit
     """
@@ -331,26 +375,31 @@ _READ_PREFIX = sa.text(
 
 # The cursor moves over exactly the event versions that were advanced: a redelivery that
 # refreshed a payload or re-opened an event of the batch meanwhile (a new row version, ``xmin``)
-# makes the batch go out again. FOR UPDATE waits for such a writer and then sees its version.
+# makes the batch go out again. Such a redelivery holds its lanes' rows locked (``record_events``)
+# while it changes their events, so the move first takes the lane's row lock (waiting for any such
+# writer) and then, in a second statement and so with a snapshot that sees what that writer
+# committed, compares versions: no lock on the events themselves, which would write each one.
+_LOCK_LEASED_LANE = sa.text(
+    """
+    SELECT id FROM outbox_lane
+    WHERE id = :lane_id AND fencing_token = :token AND lease_owner = :owner
+      AND lease_expires_at > now() AND advanced_through = :after
+    FOR NO KEY UPDATE
+    """
+)
+
 _MOVE_CURSOR = sa.text(
     """
-    WITH current AS (
-        SELECT e.id, e.xmin::text AS version, e.pending FROM outbox_event AS e
-        WHERE e.lane_id = :lane_id AND e.position > :after AND e.position <= :through
-        FOR UPDATE
-    ),
-    changed AS (
-        SELECT 1 FROM current AS c
-        LEFT JOIN unnest(CAST(:ids AS bigint[]), CAST(:versions AS text[])) AS x(id, version)
-               ON x.id = c.id
-        WHERE c.pending > 0 OR x.version IS DISTINCT FROM c.version
-    )
     UPDATE outbox_lane
     SET advanced_through = :through, attempts = 0, last_error = NULL, stalled_since = NULL,
         retry_at = NULL
-    WHERE id = :lane_id AND fencing_token = :token AND lease_owner = :owner
-      AND lease_expires_at > now() AND advanced_through = :after
-      AND NOT EXISTS (SELECT 1 FROM changed)
+    WHERE id = :lane_id
+      AND NOT EXISTS (
+        SELECT 1 FROM outbox_event AS e
+        LEFT JOIN unnest(CAST(:ids AS bigint[]), CAST(:versions AS text[])) AS x(id, version)
+               ON x.id = e.id
+        WHERE e.lane_id = :lane_id AND e.position > :after AND e.position <= :through
+          AND (e.pending > 0 OR x.version IS DISTINCT FROM e.xmin::text))
     RETURNING id
     """
 )
@@ -503,12 +552,18 @@ class OutboxStore:
     def __init__(self, engine: AsyncEngine, *, owns_engine: bool = False) -> None:
         self.engine = engine
         self._owns_engine = owns_engine
+        # Single read-only statements of the committer's passes run outside a transaction:
+        # no BEGIN and ROLLBACK round trips around them.
+        self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @classmethod
     def from_url(cls, url: str, **engine_options: Any) -> OutboxStore:
         """A store on a new engine for ``url`` (``postgresql://`` or ``postgresql+asyncpg://``)."""
         engine_options.setdefault("pool_size", 5)
-        engine_options.setdefault("pool_pre_ping", True)
+        # No ping on every checkout (a round trip per transaction): after a database restart
+        # the first statement on a stale connection fails as a disconnect, SQLAlchemy discards
+        # the pool's connections, and every caller retries such errors (``is_transient``).
+        engine_options.setdefault("pool_pre_ping", False)
         try:
             engine = create_async_engine(asyncpg_url(url), **engine_options)
         except (ArgumentError, NoSuchModuleError) as exc:
@@ -614,9 +669,11 @@ class OutboxStore:
 
     # -- the write path (the caller holds the transaction) ---------------------------------
 
-    async def record_events(self, conn: AsyncConnection, events: Sequence[EventToRecord]) -> None:
+    async def record_events(self, conn: AsyncConnection, events: Sequence[EventToRecord]) -> bool:
         """Record staged events: deduplicate by identity, allocate gap-free lane positions in
-        this transaction, insert. Fills each event's ``event_id`` and ``deliver_to``."""
+        this transaction, insert. Fills each event's ``event_id`` and ``deliver_to``. Returns
+        whether an event was recorded already resolved (nobody to deliver it to), which may
+        make its lane ready to advance."""
         new_events: list[tuple[EventToRecord, dict[str, str]]] = []
         by_stream: dict[int, list[EventToRecord]] = {}
         for item in events:
@@ -625,25 +682,23 @@ class OutboxStore:
                 new_events.append((item, {}))
             else:
                 by_stream.setdefault(item.stream_id, []).append(item)
+        locked: set[int] = set()
+        if by_stream:
+            # Redeliveries may change earlier occurrences: lock their lanes (and the batch's)
+            # before reading them. Without identities the allocation below locks the lanes.
+            locked = await self._lock_lanes(
+                conn,
+                {item.lane_id for item in events},
+                stream_ids=list(by_stream),
+                identities=sorted({e.identity for e in events if e.identity is not None}),
+            )
         aliases: list[tuple[EventToRecord, EventToRecord]] = []
         for stream_id, identified in by_stream.items():
             identities = sorted({e.identity for e in identified if e.identity is not None})
             await conn.execute(
                 _LOCK_PRIOR_OCCURRENCES, {"stream_id": stream_id, "identities": identities}
             )
-            prior: dict[str, list[PriorOccurrence]] = {}
-            for row in await conn.execute(
-                _READ_PRIOR_OCCURRENCES, {"stream_id": stream_id, "identities": identities}
-            ):
-                prior.setdefault(row[1], []).append(
-                    PriorOccurrence(
-                        event_id=row[0],
-                        advanced=row[2],
-                        pending=row[3],
-                        snapshot=json.loads(row[4]),
-                        states=json.loads(row[5]),
-                    )
-                )
+            prior = await self._prior_occurrences(conn, stream_id, identities, locked)
             new_in_batch: dict[str, EventToRecord] = {}
             for item in identified:
                 assert item.identity is not None
@@ -674,12 +729,11 @@ class OutboxStore:
                 new_events.append((item, plan.carried))
                 new_in_batch[item.identity] = item
         if not new_events:
-            return
+            return False
         counts: dict[int, int] = {}
         for item, _ in new_events:
             counts[item.lane_id] = counts.get(item.lane_id, 0) + 1
         lane_ids = sorted(counts)
-        await conn.execute(_LOCK_LANES, {"lane_ids": lane_ids})
         first: dict[int, int] = {
             row[0]: row[1]
             for row in await conn.execute(
@@ -716,7 +770,7 @@ class OutboxStore:
                 "rejecteds": _ints(_count(c, "rejected") for _, c in new_events),
             },
         )
-        ids = [row[0] for row in rows]
+        ids: list[int] = rows.scalar_one()
         carried_rows: list[tuple[int, str, str]] = []
         born_resolved: set[int] = set()
         for (item, carried), event_id in zip(new_events, ids, strict=True):
@@ -740,12 +794,57 @@ class OutboxStore:
             await conn.execute(
                 _NOTIFY_LANES, {"lanes": ",".join(str(i) for i in sorted(born_resolved))}
             )
+        return bool(born_resolved)
+
+    @staticmethod
+    async def _lock_lanes(
+        conn: AsyncConnection,
+        lane_ids: Iterable[int],
+        *,
+        stream_ids: Sequence[int] = (),
+        identities: Sequence[str] = (),
+    ) -> set[int]:
+        rows = await conn.execute(
+            _LOCK_LANES,
+            {
+                "lane_ids": sorted(lane_ids),
+                "stream_ids": list(stream_ids),
+                "identities": list(identities),
+            },
+        )
+        return {row[0] for row in rows}
+
+    async def _prior_occurrences(
+        self, conn: AsyncConnection, stream_id: int, identities: list[str], locked: set[int]
+    ) -> dict[str, list[PriorOccurrence]]:
+        """The stored occurrences of ``identities``, read while their lanes are locked (an
+        occurrence committed meanwhile on a lane not yet locked gets its lane locked first)."""
+        params = {"stream_id": stream_id, "identities": identities}
+        while True:
+            rows = (await conn.execute(_READ_PRIOR_OCCURRENCES, params)).all()
+            unlocked = {row[5] for row in rows} - locked
+            if not unlocked:
+                break
+            locked |= await self._lock_lanes(conn, unlocked)
+        prior: dict[str, list[PriorOccurrence]] = {}
+        for row in rows:
+            prior.setdefault(row[1], []).append(
+                PriorOccurrence(
+                    event_id=row[0],
+                    advanced=row[2],
+                    pending=row[3],
+                    snapshot=json.loads(row[4]),
+                    states=json.loads(row[6]),
+                )
+            )
+        return prior
 
     async def resolve(
         self, conn: AsyncConnection, resolutions: Sequence[ResolutionRow]
-    ) -> set[tuple[int, str]]:
-        """Store resolutions, first one wins; return the ``(event_id, subscriber)`` pairs that
-        won. Trigger events are stored only with an ``acked`` resolution that won."""
+    ) -> set[tuple[int, str, str]]:
+        """Store resolutions, first one wins; return the ``(event_id, subscriber, state)`` of
+        those that lost to an earlier one (stored before, or earlier in ``resolutions``).
+        Trigger events are stored only with an ``acked`` resolution that won."""
         if not resolutions:
             return set()
         rec_stream_ids: list[int] = []
@@ -774,14 +873,14 @@ class OutboxStore:
                 "rec_payloads": rec_payloads,
             },
         )
-        return {(row[0], row[1]) for row in rows if row[0] is not None}
+        return {(row[0], row[1], row[2]) for row in rows if row[0] is not None}
 
     async def resolved_as(
         self, conn: AsyncConnection, resolutions: Sequence[ResolutionRow]
-    ) -> set[tuple[int, str]]:
-        """The ``(event_id, subscriber)`` pairs of ``resolutions`` whose delivery is stored in
-        the same state: after a commit whose outcome was lost with the connection, these are
-        the resolutions that earlier attempt stored."""
+    ) -> set[tuple[int, str, str]]:
+        """The ``(event_id, subscriber, state)`` of ``resolutions`` whose delivery is stored in
+        that state: after a commit whose outcome was lost with the connection, these are the
+        resolutions that earlier attempt stored."""
         if not resolutions:
             return set()
         rows = await conn.execute(
@@ -792,7 +891,7 @@ class OutboxStore:
                 "states": _texts([r.state for r in resolutions]),
             },
         )
-        return {(row[0], row[1]) for row in rows}
+        return {(row[0], row[1], row[2]) for row in rows}
 
     async def insert_unbound_records(
         self, conn: AsyncConnection, records: Sequence[tuple[int, str, str]]
@@ -814,7 +913,7 @@ class OutboxStore:
         self, owner: str, *, stream_ids: Sequence[int] | None, limit: int
     ) -> list[int]:
         """Lanes whose next event is resolved and that this owner may lease now."""
-        async with self.engine.connect() as conn:
+        async with self._reads.connect() as conn:
             rows = await conn.execute(
                 _READY_LANES,
                 {
@@ -838,21 +937,13 @@ class OutboxStore:
         return LaneLease(*row)
 
     async def read_lane(self, lane_id: int, after: int, limit: int) -> list[LaneEvent]:
-        async with self.engine.connect() as conn:
+        async with self._reads.connect() as conn:
             rows = await conn.execute(
                 _READ_PREFIX, {"lane_id": lane_id, "after": after, "limit": limit}
             )
+            loads = json.loads
             return [
-                LaneEvent(
-                    event_id=r[0],
-                    position=r[1],
-                    pending=r[2],
-                    acked=r[3],
-                    failed=r[4],
-                    rejected=r[5],
-                    payload=json.loads(r[6]) if r[6] is not None else None,
-                    version=r[7],
-                )
+                LaneEvent(r[0], r[1], r[2], r[3], r[4], r[5], loads(r[6]) if r[6] else None, r[7])
                 for r in rows
             ]
 
@@ -861,14 +952,20 @@ class OutboxStore:
     ) -> bool:
         """Move the lane's cursor over the ``advanced`` events if the lease is still ours
         (fencing token, owner and expiry) and none of them changed since they were read."""
+        lane = {
+            "lane_id": lease.lane_id,
+            "token": lease.fencing_token,
+            "owner": owner,
+            "after": lease.advanced_through,
+        }
         async with self.engine.begin() as conn:
+            if (await conn.execute(_LOCK_LEASED_LANE, lane)).first() is None:
+                return False
             row = (
                 await conn.execute(
                     _MOVE_CURSOR,
                     {
                         "lane_id": lease.lane_id,
-                        "token": lease.fencing_token,
-                        "owner": owner,
                         "after": lease.advanced_through,
                         "through": advanced[-1].position,
                         "ids": [e.event_id for e in advanced],
@@ -952,7 +1049,7 @@ class OutboxStore:
             rows = (await conn.execute(_EXPIRED_PENDING, {"grace": grace, "limit": limit})).all()
             if not rows:
                 return 0
-            won = await self.resolve(
+            lost = await self.resolve(
                 conn,
                 [
                     ResolutionRow(
@@ -965,7 +1062,7 @@ class OutboxStore:
                     for r in rows
                 ],
             )
-        return len(won)
+        return len(rows) - len(lost)
 
     # -- the reader -------------------------------------------------------------------------
 

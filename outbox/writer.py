@@ -1,10 +1,13 @@
 """Group commit: many recordings and resolutions in one transaction, each still atomic.
 
-Work is submitted without waiting; one task takes everything queued (up to ``max_batch``
-items), commits it in one transaction, then runs each item's callback in submission order. While
-a transaction is in flight the next batch gathers, so the batch size follows the load. A large
-batch of resolutions is cut by event into up to ``parallel`` transactions committed concurrently
-(Postgres then works on them on several cores); an item still commits in exactly one transaction.
+Work is submitted without waiting. Two queues, each with its own task, commit concurrently: one
+records new events, the other stores resolutions (and fast-path trigger events), so that recording
+the next events never waits behind a large batch of resolutions. Each task takes everything queued
+(up to ``max_batch`` items), commits it in one transaction, then runs each item's callback in
+submission order; while a transaction is in flight the next batch gathers, so the batch size
+follows the load. A large batch of resolutions is cut by event into up to ``parallel``
+transactions committed concurrently (Postgres then works on them on several cores); an item still
+commits in exactly one transaction.
 """
 
 from __future__ import annotations
@@ -78,6 +81,17 @@ class _Item:
     callback: Callback | None
 
 
+class _Queue:
+    """One stream of work committed by its own task, one batch at a time."""
+
+    __slots__ = ("items", "task", "wakeup")
+
+    def __init__(self) -> None:
+        self.items: deque[_Item] = deque()
+        self.wakeup = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+
 class Writer:
     """Batches the manager's writes into group-committed transactions."""
 
@@ -97,9 +111,9 @@ class Writer:
         self._min_split = max(1, min_split)
         self._outage_limit = outage_limit
         self._on_commit = on_commit
-        self._queue: deque[_Item] = deque()
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._recording = _Queue()
+        self._resolving = _Queue()
+        self._queues = (self._recording, self._resolving)
         self.transactions = 0
 
     async def retry(self, operation: Callable[[], Awaitable[T]]) -> T:
@@ -127,41 +141,57 @@ class Writer:
                 await asyncio.sleep(delay)
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="outbox-writer")
+        loop = asyncio.get_running_loop()
+        for name, queue in (("record", self._recording), ("resolve", self._resolving)):
+            if queue.task is None or queue.task.done():
+                queue.task = loop.create_task(self._run(queue), name=f"outbox-writer-{name}")
 
     async def aclose(self) -> None:
         """Commit what is queued, then stop."""
-        if self._task is None:
+        if all(queue.task is None for queue in self._queues):
             return
         await self.barrier()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
+        for queue in self._queues:
+            if queue.task is not None:
+                queue.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await queue.task
+                queue.task = None
 
-    def _submit(self, item: _Item) -> None:
-        self._queue.append(item)
-        self._wakeup.set()
+    @staticmethod
+    def _submit(queue: _Queue, item: _Item) -> None:
+        queue.items.append(item)
+        queue.wakeup.set()
 
     def record_events(self, events: Sequence[EventToRecord], callback: Callback) -> None:
         """Record ``events``; ``callback(events or exception)`` runs after the commit."""
-        self._submit(_Item("events", events, callback))
+        self._submit(self._recording, _Item("events", events, callback))
 
     def resolve(self, resolution: ResolutionRow, callback: Callback | None) -> None:
         """Store ``resolution``; ``callback(True if it won, False if an earlier resolution of the
         same delivery won, or an exception)`` runs after the commit."""
-        self._submit(_Item("resolution", resolution, callback))
+        self._submit(self._resolving, _Item("resolution", resolution, callback))
 
     def store_unbound(
         self, stream_id: int, subscriber: str, payload_json: str, callback: Callback
     ) -> None:
         """Store a trigger event not tied to a raw event (fast path)."""
-        self._submit(_Item("unbound", (stream_id, subscriber, payload_json), callback))
+        self._submit(
+            self._resolving, _Item("unbound", (stream_id, subscriber, payload_json), callback)
+        )
 
     def after_pending(self, callback: Callback) -> None:
         """Run ``callback(None)`` once everything submitted before it is committed."""
-        self._submit(_Item("barrier", None, callback))
+        remaining = len(self._queues)
+
+        def passed(_: Any) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0:
+                callback(None)
+
+        for queue in self._queues:
+            self._submit(queue, _Item("barrier", None, passed))
 
     async def barrier(self) -> None:
         """Wait until everything submitted so far is committed (or failed)."""
@@ -172,21 +202,19 @@ class Writer:
                 done.set_result(None)
 
         self.after_pending(release)
-        if self._task is None or self._task.done():
-            self._task = None
-            self.start()
-        assert self._task is not None
-        # If the writer is cancelled first (the loop shutting down), nothing more commits.
-        await asyncio.wait({done, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        self.start()
+        tasks = {queue.task for queue in self._queues if queue.task is not None}
+        # If a writer task is cancelled first (the loop shutting down), nothing more commits.
+        await asyncio.wait({done, *tasks}, return_when=asyncio.FIRST_COMPLETED)
 
-    async def _run(self) -> None:
+    async def _run(self, queue: _Queue) -> None:
         while True:
-            if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+            if not queue.items:
+                queue.wakeup.clear()
+                await queue.wakeup.wait()
             batch: list[_Item] = []
-            while self._queue and len(batch) < self._max_batch:
-                batch.append(self._queue.popleft())
+            while queue.items and len(batch) < self._max_batch:
+                batch.append(queue.items.popleft())
             parts = self._partition(batch)
             if len(parts) == 1:
                 results = await self._commit_with_retry(batch)
@@ -274,23 +302,26 @@ class Writer:
                 resolutions.append(item.value)
             elif item.kind == "unbound":
                 unbound.append(item.value)
-        won: set[tuple[int, str]] = set()
+        lost: set[tuple[int, str, str]] = set()
         if events or resolutions or unbound:
+            lanes_may_be_ready = bool(resolutions)
             async with self._store.engine.begin() as conn:
-                if events:
-                    await self._store.record_events(conn, events)
+                if events and await self._store.record_events(conn, events):
+                    lanes_may_be_ready = True
                 if resolutions:
-                    won = await self._store.resolve(conn, resolutions)
-                    if after_failure and len(won) < len(resolutions):
+                    lost = await self._store.resolve(conn, resolutions)
+                    if after_failure and lost:
                         # The failed attempt may have committed before its connection broke:
                         # a delivery stored in the very state asked for is this batch's own
                         # (this manager resolves each delivery it owes once), so it won.
-                        lost = [r for r in resolutions if (r.event_id, r.subscriber) not in won]
-                        won |= await self._store.resolved_as(conn, lost)
+                        lost -= await self._store.resolved_as(
+                            conn,
+                            [r for r in resolutions if (r.event_id, r.subscriber, r.state) in lost],
+                        )
                 if unbound:
                     await self._store.insert_unbound_records(conn, unbound)
             self.transactions += 1
-            if self._on_commit is not None:
+            if self._on_commit is not None and lanes_may_be_ready:
                 self._on_commit()
         results: list[Any] = []
         decided: set[tuple[int, str]] = set()
@@ -299,7 +330,7 @@ class Writer:
                 r: ResolutionRow = item.value
                 key = (r.event_id, r.subscriber)
                 # Of two resolutions of one delivery in a batch, only the first can have won.
-                results.append(key in won and key not in decided)
+                results.append(key not in decided and (*key, r.state) not in lost)
                 decided.add(key)
             elif item.kind == "events":
                 results.append(item.value)
