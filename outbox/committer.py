@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import importlib
 import logging
 import os
@@ -19,6 +20,7 @@ import uuid
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from outbox._aio import wait_event
 from outbox.core import backoff_delay, canonical_json, contiguous_resolved_prefix, short_repr
 from outbox.errors import ConfigurationError
 from outbox.interop import adapt_producer
@@ -34,6 +36,12 @@ __all__ = ("LaneCommitter",)
 log = logging.getLogger("outbox.committer")
 
 ProducerSource = SharedStreamProducer | Callable[[], SharedStreamProducer]
+
+
+@functools.lru_cache(maxsize=4096)
+def _outcome(acked: int, failed: int, rejected: int) -> AdvanceOutcome:
+    """One shared (immutable) outcome per count triple: a batch repeats a few of them."""
+    return AdvanceOutcome(acked=acked, failed=failed, rejected=rejected)
 
 
 def _line(exc: BaseException) -> str:
@@ -265,11 +273,8 @@ class LaneCommitter:
                     log.exception("committer pass failed")
             if self._stopping or (lost is not None and lost.is_set()):
                 return
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), self.poll_interval)
-            except TimeoutError:
-                if until_listening_again:
-                    return
+            if not await wait_event(self._wakeup, self.poll_interval) and until_listening_again:
+                return
 
     async def _housekeeping(self) -> None:
         now = asyncio.get_running_loop().time()
@@ -324,11 +329,9 @@ class LaneCommitter:
             return 0
         started = time.perf_counter()
         try:
+            deserialize = producer.deserialize_payload
             batch = [
-                AdvanceItem(
-                    producer.deserialize_payload(e.payload),
-                    AdvanceOutcome(acked=e.acked, failed=e.failed, rejected=e.rejected),
-                )
+                AdvanceItem(deserialize(e.payload), _outcome(e.acked, e.failed, e.rejected))
                 for e in prefix
             ]
             await producer.advance(batch)

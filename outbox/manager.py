@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from outbox._aio import wait_event
 from outbox.committer import LaneCommitter
 from outbox.core import (
     ACKED,
@@ -127,6 +128,7 @@ class _Subscriber:
     failed: bool = False
     ended: bool = False
     binding: _Binding | None = None
+    what_trigger_event: str = ""
 
     def emit(self, item: TriggerEvent | _End) -> None:
         if self.ended:
@@ -147,9 +149,13 @@ class _Stream:
     kwargs: dict[str, Any]
     kwargs_json: str
     ack_mode: bool
+    where: str
+    what_raw: str
+    what_payload: str
     subscribers: dict[str, _Subscriber] = field(default_factory=dict)
     outstanding: dict[int, _Outstanding] = field(default_factory=dict)
     lane_ids: dict[str, int] = field(default_factory=dict)
+    lane_cache: dict[tuple[type, Any], int] = field(default_factory=dict)
     stream_id: int = 0
     producer: SharedStreamProducer | None = None
     staged: list[EventToRecord] = field(default_factory=list)
@@ -229,6 +235,10 @@ class SharedStreamManager:
             outage_limit=outage_limit,
         )
         self._record_batch = max(1, min(1000, write_batch))
+        import os
+
+        self._record_chunk = int(os.environ.get("CHUNK", self._record_batch))
+        self._fan_chunk = int(os.environ.get("FAN", 1 << 30))
         self.committer: LaneCommitter | None = None
         if run_committer:
             options = {"sweep_timeouts": False, **(committer_options or {})}
@@ -264,6 +274,7 @@ class SharedStreamManager:
             name=name,
             trigger=trigger,
             raw=_RawQueue(self.max_subscriber_queue, stream.resume.set),
+            what_trigger_event=f"{stream.where}: trigger event of subscriber {trigger_id}",
         )
         subscriber.binding = _Binding(lambda: self._reject(stream, subscriber))
         stream.subscribers[name] = subscriber
@@ -329,8 +340,14 @@ class SharedStreamManager:
         class_path, kwargs = trigger.serialize()
         storable_key(class_path, what=f"stream {key!r}: trigger class path")
         kwargs_json = to_json(kwargs, what=f"stream {key!r}: trigger kwargs of {class_path}")
+        where = f"stream {key!r}"
         return _Stream(
             key=key,
+            where=where,
+            what_raw=f"{where}: raw event",
+            what_payload=(
+                f"{where}: broker payload (override serialize_payload/deserialize_payload)"
+            ),
             key_json=key_json,
             trigger_class=type(trigger),
             class_path=class_path,
@@ -494,31 +511,36 @@ class SharedStreamManager:
 
     async def _stage(self, stream: _Stream, producer: SharedStreamProducer, item: Any) -> None:
         raw, payload = item
-        where = f"stream {stream.key!r}"
-        lane_json = storable_key(
-            canonical_json(producer.get_advance_lane(payload), what=f"{where}: lane"),
-            what=f"{where}: lane",
-        )
+        where = stream.where
+        lane = producer.get_advance_lane(payload)
+        # Most lanes are ints or strings (a partition, a message group): their lane ids are
+        # looked up by value, without serialising the lane for every event. (1, True and 1.0
+        # are equal but serialise differently: hence the type in the key.)
+        lane_id = stream.lane_cache.get((type(lane), lane)) if type(lane) in (int, str) else None
         identity = producer.get_event_key(payload)
-        if identity is not None and not isinstance(identity, str):
-            raise TypeError(
-                f"{where}: get_event_key returned {type(identity).__name__}, expected str or None"
-            )
         if identity is not None:
-            storable_key(identity, what=f"{where}: get_event_key returned")
-        raw_json = to_json(producer.serialize_event(raw), what=f"{where}: raw event")
-        payload_json = to_json(
-            producer.serialize_payload(payload),
-            what=f"{where}: broker payload (override serialize_payload/deserialize_payload)",
-        )
-        lane_id = stream.lane_ids.get(lane_json)
-        if lane_id is None:
-            stream.lane_ids.update(
-                await self._writer.retry(
-                    lambda: self._store.ensure_lanes(stream.stream_id, [lane_json])
+            if not isinstance(identity, str):
+                raise TypeError(
+                    f"{where}: get_event_key returned {type(identity).__name__}, "
+                    "expected str or None"
                 )
+            storable_key(identity, what=f"{where}: get_event_key returned")
+        raw_json = to_json(producer.serialize_event(raw), what=stream.what_raw)
+        payload_json = to_json(producer.serialize_payload(payload), what=stream.what_payload)
+        if lane_id is None:
+            lane_json = storable_key(
+                canonical_json(lane, what=f"{where}: lane"), what=f"{where}: lane"
             )
-            lane_id = stream.lane_ids[lane_json]
+            lane_id = stream.lane_ids.get(lane_json)
+            if lane_id is None:
+                stream.lane_ids.update(
+                    await self._writer.retry(
+                        lambda: self._store.ensure_lanes(stream.stream_id, [lane_json])
+                    )
+                )
+                lane_id = stream.lane_ids[lane_json]
+            if type(lane) in (int, str):
+                stream.lane_cache[(type(lane), lane)] = lane_id
         snapshot = [s.name for s in stream.subscribers.values() if not s.failed]
         stream.staged.append(
             EventToRecord(
@@ -714,7 +736,7 @@ class SharedStreamManager:
             )
         payload_json = to_json(
             trigger_event.payload,
-            what=f"stream {stream.key!r}: trigger event of subscriber {subscriber.trigger_id}",
+            what=subscriber.what_trigger_event,
         )
         if subscriber.failed:
             return
@@ -876,8 +898,7 @@ class SharedStreamManager:
         assert self.committer is not None
         committer = self.committer
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._committer_wakeup.wait(), committer.poll_interval)
+            await wait_event(self._committer_wakeup, committer.poll_interval)
             self._committer_wakeup.clear()
             try:
                 while await committer.run_once(stream_ids=committer.local_stream_ids()):

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequen
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from outbox._aio import wait_event
 from outbox.core import canonical_json
 
 if TYPE_CHECKING:
@@ -108,8 +109,7 @@ class OutboxReader:
                 self._wakeup.clear()
                 while await self.process(handler):
                     pass
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), self.poll_interval)
+                await wait_event(self._wakeup, self.poll_interval)
 
     @contextlib.asynccontextmanager
     async def _listening(self) -> AsyncIterator[None]:
