@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,7 @@ import sqlalchemy as sa
 from outbox.core import canonical_json
 from outbox.reader import OutboxReader, OutboxRecord
 from outbox.store import EventToRecord, ResolutionRow
+from tests.polling import eventually
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -158,3 +160,26 @@ async def test_filters_by_stream_and_subscriber(store: OutboxStore, sink: None) 
     assert {s for _, s, _ in await sink_rows(store)} == {b}
     nobody = OutboxReader(store, subscribers=["s2"])
     assert await nobody.process(sink_into("y")) == 0
+
+
+async def test_run_wakes_on_new_records_without_waiting_for_its_poll(
+    store: OutboxStore, sink: None
+) -> None:
+    """Storing trigger events notifies ``outbox_records``: a running reader hands them over at
+    once, long before its poll interval."""
+    reader = OutboxReader(store, poll_interval=3600.0)
+    await fill(store, "first", 2)
+    task = asyncio.create_task(reader.run(sink_into("r")))
+    try:
+        # The reader listens before its first pass: once it took these, it is listening.
+        await eventually(lambda: _count(store, 4), within=10.0)
+        await fill(store, "second", 3)
+        await eventually(lambda: _count(store, 10), within=10.0)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _count(store: OutboxStore, expected: int) -> bool:
+    return len(await sink_rows(store)) == expected
