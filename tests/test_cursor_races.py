@@ -1,0 +1,132 @@
+"""The committer's cursor move against a redelivery that changes an event it is advancing.
+
+The move takes the lane's row lock and compares the advanced event versions in a statement
+that starts after it holds the lock; a redelivery locks the lane before it changes an event.
+So a refreshed payload (an SQS receipt handle, say) or a re-opened event always makes the batch
+go out again, whether the redelivery committed during the advance or was still open when the
+move came.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+
+from outbox import LaneCommitter
+from outbox.core import canonical_json
+from outbox.store import EventToRecord, ResolutionRow
+from tests.polling import eventually
+from tests.test_committer import KEY, Producer
+
+if TYPE_CHECKING:
+    from outbox import OutboxStore
+
+
+async def _stream(store: OutboxStore) -> tuple[int, int]:
+    stream_id = await store.ensure_stream(
+        canonical_json(KEY, what="key"), "tests.NotATrigger", "{}", 300.0
+    )
+    lanes = await store.ensure_lanes(stream_id, ["null"])
+    return stream_id, lanes["null"]
+
+
+def _delivery(
+    stream_id: int, lane_id: int, receipt: str, snapshot: tuple[str, ...] = ("s1",)
+) -> EventToRecord:
+    return EventToRecord(stream_id, lane_id, "m1", "{}", json.dumps(receipt), list(snapshot))
+
+
+async def _accepted_event(store: OutboxStore) -> tuple[int, int]:
+    """Message m1 (receipt r1), recorded and acked by its only subscriber s1."""
+    stream_id, lane_id = await _stream(store)
+    event = _delivery(stream_id, lane_id, "r1")
+    async with store.engine.begin() as conn:
+        await store.record_events(conn, [event])
+        await store.resolve(conn, [ResolutionRow(stream_id, event.event_id, "s1", "acked", None)])
+    return stream_id, lane_id
+
+
+async def _cursor(store: OutboxStore) -> int:
+    async with store.engine.connect() as conn:
+        return int(await conn.scalar(sa.text("SELECT advanced_through FROM outbox_lane")) or 0)
+
+
+async def _move_waits_on_a_lock(store: OutboxStore) -> bool:
+    async with store.engine.connect() as conn:
+        waiting = await conn.scalar(
+            sa.text(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE wait_event_type = 'Lock' AND query LIKE '%FOR NO KEY UPDATE%'"
+            )
+        )
+    return bool(waiting)
+
+
+async def test_payload_refreshed_during_the_advance_sends_the_batch_again(
+    store: OutboxStore,
+) -> None:
+    stream_id, lane_id = await _accepted_event(store)
+    hold = asyncio.Event()
+    producer = Producer(hold=hold)
+    lanes = LaneCommitter(store, producers={KEY: producer})
+    first = asyncio.create_task(lanes.run_once())
+    await producer.entered.wait()
+    # The broker redelivers m1 with a new receipt while the committer is deleting with r1.
+    async with store.engine.begin() as conn:
+        await store.record_events(conn, [_delivery(stream_id, lane_id, "r2")])
+    hold.set()
+    assert await first == 0, "the cursor moved over an event whose payload changed"
+    assert await _cursor(store) == 0
+    assert await lanes.run_once() == 1
+    assert producer.batches == [["r1"], ["r2"]]
+    assert await _cursor(store) == 1
+
+
+async def test_move_waits_for_an_open_redelivery_and_then_sees_its_change(
+    store: OutboxStore,
+) -> None:
+    stream_id, lane_id = await _accepted_event(store)
+    hold = asyncio.Event()
+    producer = Producer(hold=hold)
+    lanes = LaneCommitter(store, producers={KEY: producer})
+    first = asyncio.create_task(lanes.run_once())
+    await producer.entered.wait()
+    async with store.engine.connect() as redelivery:
+        await redelivery.begin()
+        await store.record_events(redelivery, [_delivery(stream_id, lane_id, "r2")])
+        hold.set()  # the advance returns; the move now needs the lane the redelivery holds
+        await eventually(lambda: _move_waits_on_a_lock(store), within=10.0)
+        assert not first.done()
+        await redelivery.commit()
+    assert await first == 0, "the move did not see the redelivery it waited for"
+    assert await lanes.run_once() == 1
+    assert producer.batches == [["r1"], ["r2"]]
+
+
+async def test_event_reopened_for_a_new_subscriber_during_the_advance_stays_unadvanced(
+    store: OutboxStore,
+) -> None:
+    stream_id, lane_id = await _accepted_event(store)
+    hold = asyncio.Event()
+    producer = Producer(hold=hold)
+    lanes = LaneCommitter(store, producers={KEY: producer})
+    first = asyncio.create_task(lanes.run_once())
+    await producer.entered.wait()
+    # Redelivered to a triggerer where s2 subscribed meanwhile: s2 now owes the event.
+    reopened = _delivery(stream_id, lane_id, "r2", snapshot=("s1", "s2"))
+    async with store.engine.begin() as conn:
+        await store.record_events(conn, [reopened])
+    assert reopened.deliver_to == ["s2"]
+    hold.set()
+    assert await first == 0
+    assert await lanes.run_once() == 0, "advanced before the new subscriber resolved it"
+    async with store.engine.begin() as conn:
+        await store.resolve(
+            conn, [ResolutionRow(stream_id, reopened.event_id, "s2", "acked", None)]
+        )
+    assert await lanes.run_once() == 1
+    assert producer.batches == [["r1"], ["r2"]]
+    assert producer.outcomes[-1].acked == 2
