@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -153,6 +154,8 @@ class _Stream:
     what_raw: str
     what_payload: str
     subscribers: dict[str, _Subscriber] = field(default_factory=dict)
+    # Who an event recorded now goes to; reset whenever a subscriber joins, leaves or fails.
+    snapshot: tuple[str, ...] | None = None
     outstanding: dict[int, _Outstanding] = field(default_factory=dict)
     lane_ids: dict[str, int] = field(default_factory=dict)
     lane_cache: dict[tuple[type, Any], int] = field(default_factory=dict)
@@ -278,6 +281,7 @@ class SharedStreamManager:
         )
         subscriber.binding = _Binding(lambda: self._reject(stream, subscriber))
         stream.subscribers[name] = subscriber
+        stream.snapshot = None
         self._streams[key] = stream
         self._ensure_background()
         if stream.poll_task is None:
@@ -297,6 +301,7 @@ class SharedStreamManager:
         if stream is None:
             return
         subscriber = stream.subscribers.pop(str(trigger_id), None)
+        stream.snapshot = None
         if subscriber is None:
             return
         last = not stream.subscribers
@@ -541,7 +546,11 @@ class SharedStreamManager:
                 lane_id = stream.lane_ids[lane_json]
             if type(lane) in (int, str):
                 stream.lane_cache[(type(lane), lane)] = lane_id
-        snapshot = [s.name for s in stream.subscribers.values() if not s.failed]
+        snapshot = stream.snapshot
+        if snapshot is None:
+            snapshot = stream.snapshot = tuple(
+                s.name for s in stream.subscribers.values() if not s.failed
+            )
         stream.staged.append(
             EventToRecord(
                 stream_id=stream.stream_id,
@@ -706,7 +715,8 @@ class SharedStreamManager:
         assert event_id is not None
         subscriber.window = None
         events, records = subscriber.window_events, subscriber.window_records
-        subscriber.window_events, subscriber.window_records = [], []
+        if events:  # handed over with the resolution (an empty window keeps its lists)
+            subscriber.window_events, subscriber.window_records = [], []
         if not subscriber.window_rejected:
             self._resolve(stream, subscriber, event_id, ACKED, None, records, events)
 
@@ -800,7 +810,7 @@ class SharedStreamManager:
         entry.pending.discard(subscriber.name)
         if not entry.pending:
             del stream.outstanding[event_id]
-        callback = (lambda result: self._deliver(subscriber, events, result)) if events else None
+        callback = functools.partial(self._deliver, subscriber, events) if events else None
         self._write_resolution(stream, subscriber.name, event_id, state, reason, records, callback)
 
     def _write_resolution(
@@ -838,6 +848,7 @@ class SharedStreamManager:
     ) -> None:
         """Fail the subscriber in every event it owes and make its next pull raise ``error``."""
         subscriber.failed = True
+        stream.snapshot = None
         subscriber.raw.fail(error)
         subscriber.window_events, subscriber.window_records = [], []
         for event_id in [e for e, o in stream.outstanding.items() if subscriber.name in o.pending]:

@@ -11,7 +11,7 @@ import contextlib
 import json
 import re
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 import sqlalchemy as sa
@@ -78,10 +78,10 @@ class EventToRecord:
     identity: str | None
     raw_json: str | None
     payload_json: str
-    snapshot: list[str]
+    snapshot: Sequence[str]
     # Filled by ``record_events``:
     event_id: int = 0
-    deliver_to: list[str] = field(default_factory=list)
+    deliver_to: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -678,7 +678,7 @@ class OutboxStore:
         by_stream: dict[int, list[EventToRecord]] = {}
         for item in events:
             if item.identity is None:
-                item.deliver_to = list(item.snapshot)
+                item.deliver_to = item.snapshot
                 new_events.append((item, {}))
             else:
                 by_stream.setdefault(item.stream_id, []).append(item)
@@ -743,12 +743,13 @@ class OutboxStore:
         }
         snapshots: dict[tuple[str, ...], str] = {}
 
-        def snapshot_json(snapshot: list[str]) -> str:
-            # The events of a batch mostly share one snapshot: serialise it once.
-            key = tuple(snapshot)
+        def snapshot_json(snapshot: Sequence[str]) -> str:
+            # The events of a batch mostly share one snapshot (the manager hands the same tuple
+            # to every event until its subscribers change): serialise it once.
+            key = snapshot if isinstance(snapshot, tuple) else tuple(snapshot)
             text = snapshots.get(key)
             if text is None:
-                text = snapshots[key] = json.dumps(snapshot)
+                text = snapshots[key] = json.dumps(key)
             return text
 
         positions: list[int] = []
