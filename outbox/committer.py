@@ -28,8 +28,9 @@ from outbox.protocol import AdvanceItem, AdvanceOutcome, SharedStreamProducer
 from outbox.writer import is_transient
 
 if TYPE_CHECKING:
+    from outbox.core import LaneEvent
     from outbox.metrics import CommitterMetrics
-    from outbox.store import LaneLease, OutboxStore
+    from outbox.store import LaneLease, OutboxStore, ReadyLane
 
 __all__ = ("LaneCommitter",)
 
@@ -202,16 +203,28 @@ class LaneCommitter:
     # -- passes ------------------------------------------------------------------------------
 
     async def run_once(self, *, stream_ids: list[int] | None = None) -> int:
-        """One pass over the lanes that are ready; returns how many events it advanced."""
+        """One pass over the lanes that are ready; returns how many events it advanced.
+
+        Every ready lane's resolved prefix comes in one read; each lane is advanced in turn;
+        then the cursors of the lanes advanced move together in one transaction.
+        """
         async with self._lock:
             if self.sweep_timeouts:
                 await self._store.fail_expired(grace=self.timeout_grace)
-            lanes = await self._store.ready_lanes(self.owner, stream_ids=stream_ids, limit=1000)
-            advanced = 0
-            for lane_id in lanes:
-                advanced += await self._advance_lane(lane_id)
+            ready = await self._store.ready_prefixes(
+                self.owner,
+                stream_ids=stream_ids,
+                batch=self.batch_size,
+                max_rows=max(10_000, self.batch_size),
+            )
+            advanced: list[tuple[LaneLease, list[LaneEvent]]] = []
+            for lane in ready:
+                done = await self._advance_lane(lane)
+                if done is not None:
+                    advanced.append(done)
+            moved = await self._move_cursors(advanced)
             self.passes += 1
-            return advanced
+            return moved
 
     async def drain(self, stream_id: int) -> int:
         """Advance everything of ``stream_id`` that is resolved, pass after pass."""
@@ -314,19 +327,25 @@ class LaneCommitter:
             self._leases[lane_id] = (lease, now + self.lease_seconds / 2)
         return lease
 
-    async def _advance_lane(self, lane_id: int) -> int:
-        lease = await self._lease(lane_id)
-        if lease is None:
-            return 0
+    async def _advance_lane(self, lane: ReadyLane) -> tuple[LaneLease, list[LaneEvent]] | None:
+        """Advance the lane's resolved prefix on the broker; the lease and the events advanced,
+        for their cursor move, or ``None`` when nothing was advanced."""
+        lease = await self._lease(lane.lane_id)
+        if lease is not None and lease.advanced_through != lane.advanced_through:
+            # The lease held is older than what was read (another committer had the lane
+            # meanwhile): take it afresh; if the lane moved on since the read, next pass.
+            self._leases.pop(lane.lane_id, None)
+            lease = await self._lease(lane.lane_id)
+        if lease is None or lease.advanced_through != lane.advanced_through:
+            return None
         try:
             producer = await self._producer_for(lease.stream_id)
         except ConfigurationError as exc:
             await self._failed(lease, str(exc))
-            return 0
-        events = await self._store.read_lane(lane_id, lease.advanced_through, self.batch_size)
-        prefix = contiguous_resolved_prefix(events, lease.advanced_through)
+            return None
+        prefix = contiguous_resolved_prefix(lane.events, lease.advanced_through)
         if not prefix:
-            return 0
+            return None
         started = time.perf_counter()
         try:
             deserialize = producer.deserialize_payload
@@ -347,25 +366,36 @@ class LaneCommitter:
                     "batch_size": len(prefix),
                 },
             )
-            self._leases.pop(lane_id, None)
+            self._leases.pop(lane.lane_id, None)
             await self._failed(lease, f"{type(exc).__name__}: {exc}")
             await self._discard_rebuilt(lease.stream_id)
-            return 0
+            return None
         if self.metrics is not None:
             self.metrics.advanced([item.outcome for item in batch], time.perf_counter() - started)
-        if not await self._store.move_cursor(lease, self.owner, prefix):
-            self._leases.pop(lane_id, None)
-            log.warning(
-                "cursor not moved (lease lost, or a redelivery changed an event of the batch); "
-                "the batch goes out again",
-                extra={"stream_id": lease.stream_id, "lane": lease.lane_key},
-            )
+        return lease, prefix
+
+    async def _move_cursors(self, advanced: list[tuple[LaneLease, list[LaneEvent]]]) -> int:
+        """Move the cursors over what was advanced; how many events they moved over."""
+        if not advanced:
             return 0
-        held = self._leases.get(lane_id)
-        if held is not None:
-            moved = dataclasses.replace(lease, advanced_through=prefix[-1].position, attempts=0)
-            self._leases[lane_id] = (moved, held[1])
-        return len(prefix)
+        moved = await self._store.move_cursors(self.owner, advanced)
+        total = 0
+        for lease, prefix in advanced:
+            if lease.lane_id not in moved:
+                self._leases.pop(lease.lane_id, None)
+                log.warning(
+                    "cursor not moved (lease lost, or a redelivery changed an event of the "
+                    "batch); the batch goes out again",
+                    extra={"stream_id": lease.stream_id, "lane": lease.lane_key},
+                )
+                continue
+            total += len(prefix)
+            held = self._leases.get(lease.lane_id)
+            if held is not None:
+                through = prefix[-1].position
+                moved_lease = dataclasses.replace(lease, advanced_through=through, attempts=0)
+                self._leases[lease.lane_id] = (moved_lease, held[1])
+        return total
 
     async def _failed(self, lease: LaneLease, error: str) -> None:
         retry_in = backoff_delay(lease.attempts + 1, base=self.retry_base, cap=self.retry_cap)

@@ -112,6 +112,15 @@ class LaneLease:
     attempts: int
 
 
+@dataclass(slots=True)
+class ReadyLane:
+    """A lane whose next event is resolved: its cursor and the resolved events after it."""
+
+    lane_id: int
+    advanced_through: int
+    events: list[LaneEvent]
+
+
 # A recording locks the rows of its lanes, and of the lanes of earlier occurrences of its
 # identities, before it reads or changes their events: positions are allocated under the lock, and
 # the committer's cursor move (``_LOCK_LEASED_LANE``) waits for a redelivery that changes an event.
@@ -330,17 +339,41 @@ _INSERT_UNBOUND_RECORDS = sa.text(
 
 _NOTIFY_LANES = sa.text(f"SELECT pg_notify('{NOTIFY_CHANNEL}', :lanes)")
 
-_READY_LANES = sa.text(
+# The lanes whose next event is resolved and that this owner may lease now, each with its
+# resolved prefix: the events up to the first pending one (looked for within the next ``batch``
+# positions), so that a lane's unresolved backlog is not read on every pass. One statement, one
+# snapshot, for every ready lane; ``max_rows`` bounds a pass (a lane cut short goes on next time).
+_READY_PREFIXES = sa.text(
     """
-    SELECT l.id FROM outbox_lane AS l
-    JOIN outbox_event AS e ON e.lane_id = l.id AND e.position = l.advanced_through + 1
-    WHERE e.pending = 0
-      AND (CAST(:stream_ids AS bigint[]) IS NULL
-           OR l.stream_id = ANY(CAST(:stream_ids AS bigint[])))
-      AND (l.lease_owner IS NULL OR l.lease_owner = :owner OR l.lease_expires_at < now())
-      AND (l.retry_at IS NULL OR l.retry_at <= now())
-    ORDER BY l.id
-    LIMIT :limit
+    WITH ready AS (
+        SELECT l.id, l.advanced_through AS after FROM outbox_lane AS l
+        JOIN outbox_event AS h ON h.lane_id = l.id AND h.position = l.advanced_through + 1
+        WHERE h.pending = 0
+          AND (CAST(:stream_ids AS bigint[]) IS NULL
+               OR l.stream_id = ANY(CAST(:stream_ids AS bigint[])))
+          AND (l.lease_owner IS NULL OR l.lease_owner = :owner OR l.lease_expires_at < now())
+          AND (l.retry_at IS NULL OR l.retry_at <= now())
+        ORDER BY l.id
+        LIMIT :max_lanes
+    )
+    SELECT r.id, r.after, p.id, p.position, p.pending, p.acked, p.failed, p.rejected,
+           p.payload::text, p.xmin::text
+    FROM ready AS r
+    CROSS JOIN LATERAL (
+        SELECT e.id, e.position, e.pending, e.acked, e.failed, e.rejected, e.payload, e.xmin
+        FROM outbox_event AS e
+        WHERE e.lane_id = r.id AND e.position > r.after
+          AND e.position < coalesce(
+            (SELECT q.position FROM outbox_event AS q
+             WHERE q.lane_id = r.id AND q.position > r.after AND q.position <= r.after + :batch
+               AND q.pending > 0
+             ORDER BY q.position LIMIT 1),
+            r.after + :batch + 1)
+        ORDER BY e.position
+        LIMIT :batch
+    ) AS p
+    ORDER BY r.id, p.position
+    LIMIT :max_rows
     """
 )
 
@@ -355,52 +388,39 @@ _TAKE_LEASE = sa.text(
     """
 )
 
-# Only the resolved prefix comes back: the events up to the first pending one (looked for within
-# the next ``limit`` positions), so that a lane's unresolved backlog is not read on every pass.
-_READ_PREFIX = sa.text(
-    """
-    SELECT id, position, pending, acked, failed, rejected, payload::text, xmin::text
-    FROM outbox_event
-    WHERE lane_id = :lane_id AND position > :after
-      AND position < coalesce(
-        (SELECT p.position FROM outbox_event AS p
-         WHERE p.lane_id = :lane_id AND p.position > :after AND p.position <= :after + :limit
-           AND p.pending > 0
-         ORDER BY p.position LIMIT 1),
-        :after + :limit + 1)
-    ORDER BY position
-    LIMIT :limit
-    """
-)
-
 # The cursor moves over exactly the event versions that were advanced: a redelivery that
 # refreshed a payload or re-opened an event of the batch meanwhile (a new row version, ``xmin``)
 # makes the batch go out again. Such a redelivery holds its lanes' rows locked (``record_events``)
 # while it changes their events, so the move first takes the lane's row lock (waiting for any such
 # writer) and then, in a second statement and so with a snapshot that sees what that writer
 # committed, compares versions: no lock on the events themselves, which would write each one.
-_LOCK_LEASED_LANE = sa.text(
+_LOCK_LEASED_LANES = sa.text(
     """
-    SELECT id FROM outbox_lane
-    WHERE id = :lane_id AND fencing_token = :token AND lease_owner = :owner
-      AND lease_expires_at > now() AND advanced_through = :after
-    FOR NO KEY UPDATE
+    SELECT l.id FROM outbox_lane AS l
+    JOIN unnest(CAST(:lane_ids AS bigint[]), CAST(:tokens AS bigint[]),
+                CAST(:afters AS bigint[])) AS c(lane_id, token, after) ON c.lane_id = l.id
+    WHERE l.fencing_token = c.token AND l.lease_owner = :owner AND l.lease_expires_at > now()
+      AND l.advanced_through = c.after
+    ORDER BY l.id
+    FOR NO KEY UPDATE OF l
     """
 )
 
-_MOVE_CURSOR = sa.text(
-    """
-    UPDATE outbox_lane
-    SET advanced_through = :through, attempts = 0, last_error = NULL, stalled_since = NULL,
+_MOVE_CURSORS = sa.text(
+    f"""
+    UPDATE outbox_lane AS l
+    SET advanced_through = c.through, attempts = 0, last_error = NULL, stalled_since = NULL,
         retry_at = NULL
-    WHERE id = :lane_id
+    FROM unnest(CAST(:lane_ids AS bigint[]), CAST(:afters AS bigint[]),
+                CAST(:throughs AS bigint[])) AS c(lane_id, after, through)
+    WHERE l.id = c.lane_id AND l.id = ANY(CAST(:locked AS bigint[]))
       AND NOT EXISTS (
         SELECT 1 FROM outbox_event AS e
-        LEFT JOIN unnest(CAST(:ids AS bigint[]), CAST(:versions AS text[])) AS x(id, version)
+        LEFT JOIN unnest({_int_array("ids")}, {_int_array("versions", "text")}) AS x(id, version)
                ON x.id = e.id
-        WHERE e.lane_id = :lane_id AND e.position > :after AND e.position <= :through
+        WHERE e.lane_id = c.lane_id AND e.position > c.after AND e.position <= c.through
           AND (e.pending > 0 OR x.version IS DISTINCT FROM e.xmin::text))
-    RETURNING id
+    RETURNING l.id
     """
 )
 
@@ -910,20 +930,39 @@ class OutboxStore:
 
     # -- the committer ----------------------------------------------------------------------
 
-    async def ready_lanes(
-        self, owner: str, *, stream_ids: Sequence[int] | None, limit: int
-    ) -> list[int]:
-        """Lanes whose next event is resolved and that this owner may lease now."""
+    async def ready_prefixes(
+        self,
+        owner: str,
+        *,
+        stream_ids: Sequence[int] | None,
+        batch: int,
+        max_lanes: int = 1000,
+        max_rows: int = 10_000,
+    ) -> list[ReadyLane]:
+        """The lanes whose next event is resolved and that this owner may lease now, in lane
+        order, each with its cursor and the resolved events after it (at most ``batch``)."""
         async with self._reads.connect() as conn:
             rows = await conn.execute(
-                _READY_LANES,
+                _READY_PREFIXES,
                 {
                     "owner": owner,
                     "stream_ids": list(stream_ids) if stream_ids is not None else None,
-                    "limit": limit,
+                    "batch": batch,
+                    "max_lanes": max_lanes,
+                    "max_rows": max_rows,
                 },
             )
-            return [row[0] for row in rows]
+            lanes: list[ReadyLane] = []
+            loads = json.loads
+            for r in rows:
+                if not lanes or lanes[-1].lane_id != r[0]:
+                    lanes.append(ReadyLane(r[0], r[1], []))
+                lanes[-1].events.append(
+                    LaneEvent(
+                        r[2], r[3], r[4], r[5], r[6], r[7], loads(r[8]) if r[8] else None, r[9]
+                    )
+                )
+            return lanes
 
     async def take_lease(self, lane_id: int, owner: str, lease_seconds: float) -> LaneLease | None:
         async with self.engine.begin() as conn:
@@ -937,44 +976,42 @@ class OutboxStore:
             return None
         return LaneLease(*row)
 
-    async def read_lane(self, lane_id: int, after: int, limit: int) -> list[LaneEvent]:
-        async with self._reads.connect() as conn:
-            rows = await conn.execute(
-                _READ_PREFIX, {"lane_id": lane_id, "after": after, "limit": limit}
-            )
-            loads = json.loads
-            return [
-                LaneEvent(r[0], r[1], r[2], r[3], r[4], r[5], loads(r[6]) if r[6] else None, r[7])
-                for r in rows
-            ]
-
-    async def move_cursor(
-        self, lease: LaneLease, owner: str, advanced: Sequence[LaneEvent]
-    ) -> bool:
-        """Move the lane's cursor over the ``advanced`` events if the lease is still ours
-        (fencing token, owner and expiry) and none of them changed since they were read."""
-        lane = {
-            "lane_id": lease.lane_id,
-            "token": lease.fencing_token,
-            "owner": owner,
-            "after": lease.advanced_through,
-        }
+    async def move_cursors(
+        self, owner: str, moves: Sequence[tuple[LaneLease, Sequence[LaneEvent]]]
+    ) -> set[int]:
+        """Move each lane's cursor over its advanced events, in one transaction; returns the
+        lanes moved. A lane moves only while its lease is still ours (fencing token, owner,
+        expiry) and none of its advanced events changed since they were read."""
+        if not moves:
+            return set()
+        leases = [lease for lease, _ in moves]
         async with self.engine.begin() as conn:
-            if (await conn.execute(_LOCK_LEASED_LANE, lane)).first() is None:
-                return False
-            row = (
-                await conn.execute(
-                    _MOVE_CURSOR,
+            locked = [
+                row[0]
+                for row in await conn.execute(
+                    _LOCK_LEASED_LANES,
                     {
-                        "lane_id": lease.lane_id,
-                        "after": lease.advanced_through,
-                        "through": advanced[-1].position,
-                        "ids": [e.event_id for e in advanced],
-                        "versions": [e.version for e in advanced],
+                        "owner": owner,
+                        "lane_ids": [lease.lane_id for lease in leases],
+                        "tokens": [lease.fencing_token for lease in leases],
+                        "afters": [lease.advanced_through for lease in leases],
                     },
                 )
-            ).first()
-        return row is not None
+            ]
+            if not locked:
+                return set()
+            rows = await conn.execute(
+                _MOVE_CURSORS,
+                {
+                    "locked": locked,
+                    "lane_ids": [lease.lane_id for lease in leases],
+                    "afters": [lease.advanced_through for lease in leases],
+                    "throughs": [events[-1].position for _, events in moves],
+                    "ids": _ints(e.event_id for _, events in moves for e in events),
+                    "versions": ",".join(e.version for _, events in moves for e in events),
+                },
+            )
+            return {row[0] for row in rows}
 
     async def record_advance_failure(
         self, lease: LaneLease, owner: str, error: str, retry_in: float
