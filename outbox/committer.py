@@ -226,6 +226,13 @@ class LaneCommitter:
             self.passes += 1
             return moved
 
+    def pass_was_full(self, advanced: int) -> bool:
+        """Whether a pass that advanced ``advanced`` events may have left ready events behind
+        (a lane cut at ``batch_size``, or the pass at its row bound): run another at once. A
+        smaller pass advanced all that was ready when it read; what became ready since woke
+        the committer again."""
+        return advanced >= self.batch_size
+
     async def drain(self, stream_id: int) -> int:
         """Advance everything of ``stream_id`` that is resolved, pass after pass."""
         total = 0
@@ -274,7 +281,7 @@ class LaneCommitter:
         while not self._stopping:
             self._wakeup.clear()
             try:
-                while await self.run_once() and not self._stopping:
+                while self.pass_was_full(await self.run_once()) and not self._stopping:
                     pass
                 await self._housekeeping()
             except asyncio.CancelledError:

@@ -505,7 +505,10 @@ class SharedStreamManager:
         if self.overflow == "fail":
             return False
         bound = self.max_subscriber_queue - stream.in_flight
-        return any(len(s.raw) >= bound for s in stream.subscribers.values() if not s.failed)
+        for subscriber in stream.subscribers.values():
+            if len(subscriber.raw.items) >= bound and not subscriber.failed:
+                return True
+        return False
 
     async def _wait_for_room(self, stream: _Stream) -> None:
         while self._must_pause(stream):
@@ -606,6 +609,7 @@ class SharedStreamManager:
                     self._write_resolution(stream, name, event.event_id, FAILED, reason)
             return
         now = self._now()
+        may_overflow = self.overflow == "fail"
         for event, raw in zip(events, raws, strict=True):
             if not event.deliver_to:
                 continue
@@ -631,10 +635,11 @@ class SharedStreamManager:
                     continue
                 entry.pending.add(name)
                 targets.append(subscriber)
+            delivery = (raw, event.event_id)  # one tuple, handed to every subscriber
             for subscriber in targets:
-                if self._overflowed(stream, subscriber):
+                if may_overflow and self._overflowed(stream, subscriber):
                     continue
-                subscriber.raw.put((raw, event.event_id))
+                subscriber.raw.put(delivery)
             if not entry.pending:
                 stream.outstanding.pop(event.event_id, None)
 
@@ -810,8 +815,12 @@ class SharedStreamManager:
         entry.pending.discard(subscriber.name)
         if not entry.pending:
             del stream.outstanding[event_id]
-        callback = functools.partial(self._deliver, subscriber, events) if events else None
-        self._write_resolution(stream, subscriber.name, event_id, state, reason, records, callback)
+        self._writer.resolve(
+            ResolutionRow(
+                stream.stream_id, event_id, subscriber.name, state, reason, records or ()
+            ),
+            functools.partial(self._deliver, subscriber, events) if events else None,
+        )
 
     def _write_resolution(
         self,
@@ -912,7 +921,9 @@ class SharedStreamManager:
             await wait_event(self._committer_wakeup, committer.poll_interval)
             self._committer_wakeup.clear()
             try:
-                while await committer.run_once(stream_ids=committer.local_stream_ids()):
+                while committer.pass_was_full(
+                    await committer.run_once(stream_ids=committer.local_stream_ids())
+                ):
                     pass
             except asyncio.CancelledError:
                 raise
