@@ -238,10 +238,6 @@ class SharedStreamManager:
             outage_limit=outage_limit,
         )
         self._record_batch = max(1, min(1000, write_batch))
-        import os
-
-        self._record_chunk = int(os.environ.get("CHUNK", self._record_batch))
-        self._fan_chunk = int(os.environ.get("FAN", 1 << 30))
         self.committer: LaneCommitter | None = None
         if run_committer:
             options = {"sweep_timeouts": False, **(committer_options or {})}
