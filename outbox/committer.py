@@ -9,6 +9,7 @@ between the advance and the cursor update advances the batch again: advance is a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -37,6 +38,8 @@ __all__ = ("LaneCommitter",)
 log = logging.getLogger("outbox.committer")
 
 ProducerSource = SharedStreamProducer | Callable[[], SharedStreamProducer]
+
+MAX_LANES_PER_PASS = 1000
 
 
 @functools.lru_cache(maxsize=4096)
@@ -122,6 +125,7 @@ class LaneCommitter:
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._leases: dict[int, tuple[LaneLease, float]] = {}
+        self._more_ready = False
         self.metrics = metrics
         self.prune_retention = prune_retention
         self.housekeeping_interval = housekeeping_interval
@@ -206,32 +210,56 @@ class LaneCommitter:
         """One pass over the lanes that are ready; returns how many events it advanced.
 
         Every ready lane's resolved prefix comes in one read; each lane is advanced in turn;
-        then the cursors of the lanes advanced move together in one transaction.
+        the cursors of the lanes advanced move together in one transaction at the end of the
+        pass (sooner when the pass runs long, well within the leases; and before an error
+        ends the pass, so that what went out is not sent again).
         """
         async with self._lock:
+            self._more_ready = False
             if self.sweep_timeouts:
                 await self._store.fail_expired(grace=self.timeout_grace)
+            max_rows = max(10_000, self.batch_size)
             ready = await self._store.ready_prefixes(
                 self.owner,
                 stream_ids=stream_ids,
                 batch=self.batch_size,
-                max_rows=max(10_000, self.batch_size),
+                max_lanes=MAX_LANES_PER_PASS,
+                max_rows=max_rows,
             )
+            if (
+                len(ready) >= MAX_LANES_PER_PASS
+                or sum(len(lane.events) for lane in ready) >= max_rows
+                or any(len(lane.events) >= self.batch_size for lane in ready)
+            ):
+                self._more_ready = True  # the read was cut short
+            loop = asyncio.get_running_loop()
+            move_by = loop.time() + self.lease_seconds / 4
             advanced: list[tuple[LaneLease, list[LaneEvent]]] = []
-            for lane in ready:
-                done = await self._advance_lane(lane)
-                if done is not None:
-                    advanced.append(done)
-            moved = await self._move_cursors(advanced)
+            moved = 0
+            try:
+                for lane in ready:
+                    done = await self._advance_lane(lane)
+                    if done is not None:
+                        advanced.append(done)
+                    if advanced and loop.time() >= move_by:
+                        moved += await self._move_cursors(advanced)
+                        advanced = []
+                        move_by = loop.time() + self.lease_seconds / 4
+            except Exception:
+                if advanced:
+                    with contextlib.suppress(Exception):
+                        await self._move_cursors(advanced)
+                raise
+            moved += await self._move_cursors(advanced)
             self.passes += 1
             return moved
 
-    def pass_was_full(self, advanced: int) -> bool:
-        """Whether a pass that advanced ``advanced`` events may have left ready events behind
-        (a lane cut at ``batch_size``, or the pass at its row bound): run another at once. A
-        smaller pass advanced all that was ready when it read; what became ready since woke
-        the committer again."""
-        return advanced >= self.batch_size
+    def more_ready(self) -> bool:
+        """Whether the last pass may have left ready events behind (its read was cut short, or
+        a cursor move was refused and the batch must go out again): run another at once. Other
+        passes advanced all that was ready when they read; what became ready since wakes the
+        committer again."""
+        return self._more_ready
 
     async def drain(self, stream_id: int) -> int:
         """Advance everything of ``stream_id`` that is resolved, pass after pass."""
@@ -281,8 +309,9 @@ class LaneCommitter:
         while not self._stopping:
             self._wakeup.clear()
             try:
-                while self.pass_was_full(await self.run_once()) and not self._stopping:
-                    pass
+                await self.run_once()
+                while self.more_ready() and not self._stopping:
+                    await self.run_once()
                 await self._housekeeping()
             except asyncio.CancelledError:
                 raise
@@ -390,6 +419,7 @@ class LaneCommitter:
         for lease, prefix in advanced:
             if lease.lane_id not in moved:
                 self._leases.pop(lease.lane_id, None)
+                self._more_ready = True
                 log.warning(
                     "cursor not moved (lease lost, or a redelivery changed an event of the "
                     "batch); the batch goes out again",

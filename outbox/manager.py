@@ -917,10 +917,9 @@ class SharedStreamManager:
             await wait_event(self._committer_wakeup, committer.poll_interval)
             self._committer_wakeup.clear()
             try:
-                while committer.pass_was_full(
+                await committer.run_once(stream_ids=committer.local_stream_ids())
+                while committer.more_ready():
                     await committer.run_once(stream_ids=committer.local_stream_ids())
-                ):
-                    pass
             except asyncio.CancelledError:
                 raise
             except Exception:

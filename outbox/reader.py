@@ -16,8 +16,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequen
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.exc import DBAPIError
+
 from outbox._aio import wait_event
-from outbox.core import canonical_json
+from outbox.core import backoff_delay, canonical_json
+from outbox.writer import is_transient
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -42,6 +45,14 @@ class OutboxRecord:
 
 
 Handler = Callable[["AsyncConnection", list[OutboxRecord]], Awaitable[None]]
+
+
+class _HandlerError(Exception):
+    """What the handler raised (not a database outage), carried out of ``process``."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 class OutboxReader:
@@ -103,24 +114,69 @@ class OutboxReader:
 
     async def run(self, handler: Handler) -> None:
         """Hand records to ``handler`` until cancelled, waking on new records (``LISTEN``) and
-        every ``poll_interval`` seconds. An exception from ``handler`` ends ``run``."""
-        async with self._listening():
-            while True:
-                self._wakeup.clear()
-                while await self.process(handler):
-                    pass
-                await wait_event(self._wakeup, self.poll_interval)
+        every ``poll_interval`` seconds. While the database is unreachable, ``run`` retries
+        with backoff and then listens again (what was handed over in a transaction that did
+        not commit is handed over again); any other exception, from ``handler`` too, ends
+        ``run``."""
+
+        async def guarded(conn: AsyncConnection, records: list[OutboxRecord]) -> None:
+            try:
+                await handler(conn, records)
+            except DBAPIError:
+                raise  # the database went away under the handler: retried like our own calls
+            except Exception as exc:
+                raise _HandlerError(exc) from exc
+
+        failures = 0
+        while True:
+            async with self._listening() as lost:
+                while not lost.is_set():
+                    self._wakeup.clear()
+                    try:
+                        while await self.process(guarded):
+                            pass
+                    except _HandlerError as failed:
+                        raise failed.error from None
+                    except Exception as exc:
+                        if not is_transient(exc):
+                            raise
+                        failures += 1
+                        delay = backoff_delay(failures, base=0.05, cap=2.0)
+                        log.warning(
+                            "outbox reader cannot reach the database (%s); retrying in %.2fs",
+                            str(getattr(exc, "orig", None) or exc).strip().split("\n")[0],
+                            delay,
+                        )
+                        await asyncio.sleep(delay)
+                        break
+                    failures = 0
+                    await wait_event(self._wakeup, self.poll_interval)
 
     @contextlib.asynccontextmanager
-    async def _listening(self) -> AsyncIterator[None]:
+    async def _listening(self) -> AsyncIterator[asyncio.Event]:
+        """The ``lost`` event of a ``LISTEN`` for new records; without one (the database is
+        unreachable, say) an event set soon (after a poll, at most a second), so that ``run``
+        tries to listen again."""
         try:
             listener = self._store.listen_records(self._wakeup.set)
-            await listener.__aenter__()
+            lost = await listener.__aenter__()
         except Exception as exc:
             log.warning("outbox reader cannot listen for new records (%s); polling", exc)
-            yield
+            retry = asyncio.Event()
+
+            def listen_again() -> None:
+                retry.set()
+                self._wakeup.set()
+
+            timer = asyncio.get_running_loop().call_later(
+                min(self.poll_interval, 1.0), listen_again
+            )
+            try:
+                yield retry
+            finally:
+                timer.cancel()
             return
         try:
-            yield
+            yield lost
         finally:
             await listener.__aexit__(None, None, None)

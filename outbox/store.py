@@ -124,6 +124,16 @@ class ReadyLane:
 # A recording locks the rows of its lanes, and of the lanes of earlier occurrences of its
 # identities, before it reads or changes their events: positions are allocated under the lock, and
 # the committer's cursor move (``_LOCK_LEASED_LANE``) waits for a redelivery that changes an event.
+# A lane found only after the first lock (an occurrence committed meanwhile) is taken out of
+# order: without waiting, so that it cannot deadlock; the writer retries the whole transaction,
+# whose first lock then covers it.
+_LOCK_MORE_LANES = sa.text(
+    """
+    SELECT id FROM outbox_lane WHERE id = ANY(CAST(:lane_ids AS bigint[]))
+    ORDER BY id FOR UPDATE NOWAIT
+    """
+)
+
 _LOCK_LANES = sa.text(
     """
     SELECT id FROM outbox_lane
@@ -408,18 +418,27 @@ _LOCK_LEASED_LANES = sa.text(
 
 _MOVE_CURSORS = sa.text(
     f"""
+    WITH moves AS (
+        SELECT * FROM unnest(CAST(:lane_ids AS bigint[]), CAST(:afters AS bigint[]),
+                             CAST(:throughs AS bigint[])) AS c(lane_id, after, through)
+    ),
+    read AS (
+        SELECT * FROM unnest({_int_array("ids")}, {_int_array("versions", "text")})
+             AS x(id, version)
+    ),
+    changed AS (
+        SELECT DISTINCT m.lane_id FROM moves AS m
+        JOIN outbox_event AS e
+          ON e.lane_id = m.lane_id AND e.position > m.after AND e.position <= m.through
+        LEFT JOIN read AS x ON x.id = e.id
+        WHERE e.pending > 0 OR x.version IS DISTINCT FROM e.xmin::text
+    )
     UPDATE outbox_lane AS l
-    SET advanced_through = c.through, attempts = 0, last_error = NULL, stalled_since = NULL,
+    SET advanced_through = m.through, attempts = 0, last_error = NULL, stalled_since = NULL,
         retry_at = NULL
-    FROM unnest(CAST(:lane_ids AS bigint[]), CAST(:afters AS bigint[]),
-                CAST(:throughs AS bigint[])) AS c(lane_id, after, through)
-    WHERE l.id = c.lane_id AND l.id = ANY(CAST(:locked AS bigint[]))
-      AND NOT EXISTS (
-        SELECT 1 FROM outbox_event AS e
-        LEFT JOIN unnest({_int_array("ids")}, {_int_array("versions", "text")}) AS x(id, version)
-               ON x.id = e.id
-        WHERE e.lane_id = c.lane_id AND e.position > c.after AND e.position <= c.through
-          AND (e.pending > 0 OR x.version IS DISTINCT FROM e.xmin::text))
+    FROM moves AS m
+    WHERE l.id = m.lane_id AND l.id = ANY(CAST(:locked AS bigint[]))
+      AND l.id NOT IN (SELECT lane_id FROM changed)
     RETURNING l.id
     """
 )
@@ -846,7 +865,8 @@ class OutboxStore:
             unlocked = {row[5] for row in rows} - locked
             if not unlocked:
                 break
-            locked |= await self._lock_lanes(conn, unlocked)
+            more = await conn.execute(_LOCK_MORE_LANES, {"lane_ids": sorted(unlocked)})
+            locked |= {row[0] for row in more}
         prior: dict[str, list[PriorOccurrence]] = {}
         for row in rows:
             prior.setdefault(row[1], []).append(

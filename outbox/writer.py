@@ -295,11 +295,19 @@ class Writer:
         events: list[EventToRecord] = []
         resolutions: list[ResolutionRow] = []
         unbound: list[tuple[int, str, str]] = []
+        seen: set[tuple[int, str]] = set()
+        first: list[bool] = []  # per resolution item: the first of its delivery in the batch
         for item in batch:
             if item.kind == "events":
                 events.extend(item.value)
             elif item.kind == "resolution":
-                resolutions.append(item.value)
+                # Of two resolutions of one delivery in a batch only the first can win: the
+                # second never reaches the statement (whose records would join the winner).
+                key = (item.value.event_id, item.value.subscriber)
+                first.append(key not in seen)
+                if first[-1]:
+                    seen.add(key)
+                    resolutions.append(item.value)
             elif item.kind == "unbound":
                 unbound.append(item.value)
         lost: set[tuple[int, str, str]] = set()
@@ -324,14 +332,11 @@ class Writer:
             if self._on_commit is not None and lanes_may_be_ready:
                 self._on_commit()
         results: list[Any] = []
-        decided: set[tuple[int, str]] = set()
+        firsts = iter(first)
         for item in batch:
             if item.kind == "resolution":
                 r: ResolutionRow = item.value
-                key = (r.event_id, r.subscriber)
-                # Of two resolutions of one delivery in a batch, only the first can have won.
-                results.append(key not in decided and (*key, r.state) not in lost)
-                decided.add(key)
+                results.append(next(firsts) and (r.event_id, r.subscriber, r.state) not in lost)
             elif item.kind == "events":
                 results.append(item.value)
             else:

@@ -119,9 +119,12 @@ async def test_batches_are_bounded_and_strictly_in_order(store: OutboxStore) -> 
     await resolve(store, ids)
     producer = Producer()
     lanes = committer(store, producer, batch_size=10)
+    more = []
     while await lanes.run_once():
-        pass
+        more.append(lanes.more_ready())
     assert producer.batches == [payloads[0:10], payloads[10:20], payloads[20:25]]
+    # A pass cut at the batch size asks for another at once; the last one does not.
+    assert more == [True, True, False]
 
 
 async def test_lanes_advance_independently(store: OutboxStore) -> None:

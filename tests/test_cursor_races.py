@@ -79,6 +79,7 @@ async def test_payload_refreshed_during_the_advance_sends_the_batch_again(
         await store.record_events(conn, [_delivery(stream_id, lane_id, "r2")])
     hold.set()
     assert await first == 0, "the cursor moved over an event whose payload changed"
+    assert lanes.more_ready(), "a refused move must be followed by another pass at once"
     assert await _cursor(store) == 0
     assert await lanes.run_once() == 1
     assert producer.batches == [["r1"], ["r2"]]

@@ -300,3 +300,59 @@ async def test_long_postgres_outage_fails_subscribers_clearly_then_resumes(
     assert max(subscribers.seen.values()) == 1
     assert set(subscribers.seen) <= expected
     print(f"long outage (6 s, limit 2 s): {figures}; error: {subscribers.errors['all']}")
+
+
+async def test_reader_rides_out_a_postgres_restart(
+    pg_server: PgServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``OutboxReader.run`` retries while the server is down, listens again once it is back
+    (its poll interval is an hour: only a notification can wake it), and hands over what was
+    stored before and after, each record once."""
+    from outbox.reader import OutboxReader
+    from tests.test_reader import SINK, fill, sink_into, sink_rows
+
+    await migrate(pg_server.url)
+    store = OutboxStore.from_url(pg_server.url)
+    async with store.engine.begin() as conn:
+        await conn.execute(sa.text(SINK))
+    await fill(store, "before", 3)
+    reader = OutboxReader(store, poll_interval=3600.0)
+    task = asyncio.create_task(reader.run(sink_into("r")))
+
+    async def handed_over(n: int) -> bool:
+        assert not task.done(), task.exception() if task.done() else None
+        try:
+            return len(await sink_rows(store)) == n
+        except sa.exc.DBAPIError:  # our own probe on a connection from before the restart
+            return False
+
+    try:
+        await eventually(lambda: handed_over(6), within=20)
+        with caplog.at_level(logging.WARNING, logger="outbox.reader"):
+            await asyncio.to_thread(pg_server.stop)
+            await eventually(
+                lambda: _true("outbox reader cannot reach the database" in caplog.text), within=20
+            )
+            await asyncio.to_thread(pg_server.start)
+        await eventually(lambda: _fill_when_back(store), within=20)
+        await eventually(lambda: handed_over(10), within=20)
+        await fill(store, "later", 1)  # only a notification wakes the reader for these
+        await eventually(lambda: handed_over(12), within=10)
+        ids = [row[0] for row in await sink_rows(store)]
+        assert len(ids) == len(set(ids)) == 12
+        assert PASSWORD not in caplog.text
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await store.aclose()
+
+
+async def _fill_when_back(store: OutboxStore) -> bool:
+    from tests.test_reader import fill
+
+    try:
+        await fill(store, "after", 2)
+    except sa.exc.DBAPIError:
+        return False
+    return True

@@ -183,3 +183,18 @@ async def test_run_wakes_on_new_records_without_waiting_for_its_poll(
 
 async def _count(store: OutboxStore, expected: int) -> bool:
     return len(await sink_rows(store)) == expected
+
+
+async def test_run_ends_with_what_the_handler_raised_and_hands_nothing_over(
+    store: OutboxStore, sink: None
+) -> None:
+    """A handler's own failure (a broker timeout, say) is not a database outage: ``run`` does
+    not retry it, it raises it, and the records stay undispatched for the next reader."""
+    await fill(store, "q", 1)
+
+    async def broker_down(conn: AsyncConnection, records: list[OutboxRecord]) -> None:
+        raise ConnectionError("broker unreachable")
+
+    with pytest.raises(ConnectionError, match="broker unreachable"):
+        await asyncio.wait_for(OutboxReader(store).run(broker_down), 10)
+    assert await OutboxReader(store).process(sink_into("next")) == 2
