@@ -416,29 +416,22 @@ _LOCK_LEASED_LANES = sa.text(
     """
 )
 
+# Per lane, a correlated check over its range by the (lane_id, position) index: a join of all
+# lanes' ranges at once lets the planner scan the whole event table, history included.
 _MOVE_CURSORS = sa.text(
     f"""
-    WITH moves AS (
-        SELECT * FROM unnest(CAST(:lane_ids AS bigint[]), CAST(:afters AS bigint[]),
-                             CAST(:throughs AS bigint[])) AS c(lane_id, after, through)
-    ),
-    read AS (
-        SELECT * FROM unnest({_int_array("ids")}, {_int_array("versions", "text")})
-             AS x(id, version)
-    ),
-    changed AS (
-        SELECT DISTINCT m.lane_id FROM moves AS m
-        JOIN outbox_event AS e
-          ON e.lane_id = m.lane_id AND e.position > m.after AND e.position <= m.through
-        LEFT JOIN read AS x ON x.id = e.id
-        WHERE e.pending > 0 OR x.version IS DISTINCT FROM e.xmin::text
-    )
     UPDATE outbox_lane AS l
     SET advanced_through = m.through, attempts = 0, last_error = NULL, stalled_since = NULL,
         retry_at = NULL
-    FROM moves AS m
+    FROM unnest(CAST(:lane_ids AS bigint[]), CAST(:afters AS bigint[]),
+                CAST(:throughs AS bigint[])) AS m(lane_id, after, through)
     WHERE l.id = m.lane_id AND l.id = ANY(CAST(:locked AS bigint[]))
-      AND l.id NOT IN (SELECT lane_id FROM changed)
+      AND NOT EXISTS (
+        SELECT 1 FROM outbox_event AS e
+        LEFT JOIN unnest({_int_array("ids")}, {_int_array("versions", "text")}) AS x(id, version)
+               ON x.id = e.id
+        WHERE e.lane_id = m.lane_id AND e.position > m.after AND e.position <= m.through
+          AND (e.pending > 0 OR x.version IS DISTINCT FROM e.xmin::text))
     RETURNING l.id
     """
 )
@@ -465,12 +458,17 @@ _EXPIRED_PENDING = sa.text(
     SELECT e.stream_id, e.id, m.subscriber
     FROM outbox_lane AS l
     JOIN outbox_stream AS s ON s.id = l.stream_id
-    -- An unresolved event is always after its lane's cursor: the scan covers the backlog only.
-    JOIN outbox_event AS e ON e.lane_id = l.id AND e.position > l.advanced_through
+    -- An unresolved event is always after its lane's cursor: each lane's backlog is read by its
+    -- (lane_id, position) index, never the history behind the cursor.
+    CROSS JOIN LATERAL (
+        SELECT e.stream_id, e.id, e.snapshot FROM outbox_event AS e
+        WHERE e.lane_id = l.id AND e.position > l.advanced_through AND e.pending > 0
+          AND e.created_at <= now() - make_interval(secs => s.ack_timeout + :grace)
+        ORDER BY e.position
+        LIMIT :limit
+    ) AS e
     CROSS JOIN LATERAL jsonb_array_elements_text(e.snapshot) AS m(subscriber)
-    WHERE e.pending > 0
-      AND e.created_at <= now() - make_interval(secs => s.ack_timeout + :grace)
-      AND NOT EXISTS (SELECT 1 FROM outbox_delivery AS d
+    WHERE NOT EXISTS (SELECT 1 FROM outbox_delivery AS d
                       WHERE d.event_id = e.id AND d.subscriber = m.subscriber)
     ORDER BY e.id
     LIMIT :limit
