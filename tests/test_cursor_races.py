@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import sqlalchemy as sa
 
@@ -49,6 +49,33 @@ async def _accepted_event(store: OutboxStore) -> tuple[int, int]:
     return stream_id, lane_id
 
 
+class _HeldPass(NamedTuple):
+    stream_id: int
+    lane_id: int
+    producer: _HeldProducer
+    lanes: LaneCommitter
+    first: asyncio.Task[int]
+
+
+class _HeldProducer(Producer):
+    def __init__(self) -> None:
+        super().__init__(hold=asyncio.Event())
+
+    def release(self) -> None:
+        assert self.hold is not None
+        self.hold.set()
+
+
+async def _pass_held_in_its_advance(store: OutboxStore) -> _HeldPass:
+    """m1 accepted, and a committer pass started that now waits inside its advance of r1."""
+    stream_id, lane_id = await _accepted_event(store)
+    producer = _HeldProducer()
+    lanes = LaneCommitter(store, producers={KEY: producer})
+    first = asyncio.create_task(lanes.run_once())
+    await producer.entered.wait()
+    return _HeldPass(stream_id, lane_id, producer, lanes, first)
+
+
 async def _cursor(store: OutboxStore) -> int:
     async with store.engine.connect() as conn:
         return int(await conn.scalar(sa.text("SELECT advanced_through FROM outbox_lane")) or 0)
@@ -68,16 +95,11 @@ async def _move_waits_on_a_lock(store: OutboxStore) -> bool:
 async def test_payload_refreshed_during_the_advance_sends_the_batch_again(
     store: OutboxStore,
 ) -> None:
-    stream_id, lane_id = await _accepted_event(store)
-    hold = asyncio.Event()
-    producer = Producer(hold=hold)
-    lanes = LaneCommitter(store, producers={KEY: producer})
-    first = asyncio.create_task(lanes.run_once())
-    await producer.entered.wait()
+    stream_id, lane_id, producer, lanes, first = await _pass_held_in_its_advance(store)
     # The broker redelivers m1 with a new receipt while the committer is deleting with r1.
     async with store.engine.begin() as conn:
         await store.record_events(conn, [_delivery(stream_id, lane_id, "r2")])
-    hold.set()
+    producer.release()
     assert await first == 0, "the cursor moved over an event whose payload changed"
     assert lanes.more_ready(), "a refused move must be followed by another pass at once"
     assert await _cursor(store) == 0
@@ -89,16 +111,11 @@ async def test_payload_refreshed_during_the_advance_sends_the_batch_again(
 async def test_move_waits_for_an_open_redelivery_and_then_sees_its_change(
     store: OutboxStore,
 ) -> None:
-    stream_id, lane_id = await _accepted_event(store)
-    hold = asyncio.Event()
-    producer = Producer(hold=hold)
-    lanes = LaneCommitter(store, producers={KEY: producer})
-    first = asyncio.create_task(lanes.run_once())
-    await producer.entered.wait()
+    stream_id, lane_id, producer, lanes, first = await _pass_held_in_its_advance(store)
     async with store.engine.connect() as redelivery:
         await redelivery.begin()
         await store.record_events(redelivery, [_delivery(stream_id, lane_id, "r2")])
-        hold.set()  # the advance returns; the move now needs the lane the redelivery holds
+        producer.release()  # the advance returns; the move now needs the lane the redelivery holds
         await eventually(lambda: _move_waits_on_a_lock(store), within=10.0)
         assert not first.done()
         await redelivery.commit()
@@ -110,18 +127,13 @@ async def test_move_waits_for_an_open_redelivery_and_then_sees_its_change(
 async def test_event_reopened_for_a_new_subscriber_during_the_advance_stays_unadvanced(
     store: OutboxStore,
 ) -> None:
-    stream_id, lane_id = await _accepted_event(store)
-    hold = asyncio.Event()
-    producer = Producer(hold=hold)
-    lanes = LaneCommitter(store, producers={KEY: producer})
-    first = asyncio.create_task(lanes.run_once())
-    await producer.entered.wait()
+    stream_id, lane_id, producer, lanes, first = await _pass_held_in_its_advance(store)
     # Redelivered to a triggerer where s2 subscribed meanwhile: s2 now owes the event.
     reopened = _delivery(stream_id, lane_id, "r2", snapshot=("s1", "s2"))
     async with store.engine.begin() as conn:
         await store.record_events(conn, [reopened])
     assert reopened.deliver_to == ["s2"]
-    hold.set()
+    producer.release()
     assert await first == 0
     assert await lanes.run_once() == 0, "advanced before the new subscriber resolved it"
     async with store.engine.begin() as conn:

@@ -16,14 +16,20 @@ if TYPE_CHECKING:
     from outbox import OutboxStore
 
 
-async def test_second_resolution_of_a_delivery_in_one_batch_loses_with_its_records(
-    store: OutboxStore,
-) -> None:
+async def _one_recorded_event(store: OutboxStore) -> tuple[int, int, EventToRecord]:
+    """A stream with one lane and one recorded event that subscriber s1 owes."""
     stream_id = await store.ensure_stream(canonical_json("k", what="key"), "x.T", "{}", 300.0)
     lane_id = (await store.ensure_lanes(stream_id, ["null"]))["null"]
     event = EventToRecord(stream_id, lane_id, None, "{}", "1", ["s1"])
     async with store.engine.begin() as conn:
         await store.record_events(conn, [event])
+    return stream_id, lane_id, event
+
+
+async def test_second_resolution_of_a_delivery_in_one_batch_loses_with_its_records(
+    store: OutboxStore,
+) -> None:
+    stream_id, _, event = await _one_recorded_event(store)
     writer = Writer(store)
     results: list[Any] = []
     # Both are queued before the writer runs, so they commit in one transaction.
@@ -49,11 +55,7 @@ async def test_recording_is_not_held_up_by_a_resolution_batch_in_flight(
 ) -> None:
     """Recording and resolving commit on their own connections: while a resolution batch
     waits on a row lock, new events still get recorded."""
-    stream_id = await store.ensure_stream(canonical_json("k", what="key"), "x.T", "{}", 300.0)
-    lane_id = (await store.ensure_lanes(stream_id, ["null"]))["null"]
-    first = EventToRecord(stream_id, lane_id, None, "{}", "1", ["s1"])
-    async with store.engine.begin() as conn:
-        await store.record_events(conn, [first])
+    stream_id, lane_id, first = await _one_recorded_event(store)
     writer = Writer(store)
     writer.start()
     resolved: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
