@@ -34,7 +34,6 @@ __all__ = (
     "EventToRecord",
     "LaneLease",
     "OutboxStore",
-    "RecordedEvent",
     "ResolutionRow",
     "asyncpg_url",
     "redact_url",
@@ -84,12 +83,6 @@ class EventToRecord:
     deliver_to: Sequence[str] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class RecordedEvent:
-    event_id: int
-    deliver_to: list[str]
-
-
 class ResolutionRow(NamedTuple):
     """One subscriber's resolution of one event, with the trigger events it derived (a tuple:
     one is made per resolution on the hot path)."""
@@ -123,17 +116,7 @@ class ReadyLane:
 
 # A recording locks the rows of its lanes, and of the lanes of earlier occurrences of its
 # identities, before it reads or changes their events: positions are allocated under the lock, and
-# the committer's cursor move (``_LOCK_LEASED_LANE``) waits for a redelivery that changes an event.
-# A lane found only after the first lock (an occurrence committed meanwhile) is taken out of
-# order: without waiting, so that it cannot deadlock; the writer retries the whole transaction,
-# whose first lock then covers it.
-_LOCK_MORE_LANES = sa.text(
-    """
-    SELECT id FROM outbox_lane WHERE id = ANY(CAST(:lane_ids AS bigint[]))
-    ORDER BY id FOR UPDATE NOWAIT
-    """
-)
-
+# the committer's cursor move (``_LOCK_LEASED_LANES``) waits for a redelivery that changes an event.
 _LOCK_LANES = sa.text(
     """
     SELECT id FROM outbox_lane
@@ -142,6 +125,16 @@ _LOCK_LANES = sa.text(
                  WHERE e.stream_id = ANY(CAST(:stream_ids AS bigint[]))
                    AND e.identity = ANY(CAST(:identities AS text[])))
     ORDER BY id FOR UPDATE
+    """
+)
+
+# A lane found only after the first lock (an occurrence committed meanwhile) is taken out of
+# order: without waiting, so that it cannot deadlock; the writer retries the whole transaction,
+# whose first lock then covers it.
+_LOCK_MORE_LANES = sa.text(
+    """
+    SELECT id FROM outbox_lane WHERE id = ANY(CAST(:lane_ids AS bigint[]))
+    ORDER BY id FOR UPDATE NOWAIT
     """
 )
 
