@@ -26,7 +26,7 @@ from outbox.core import backoff_delay, canonical_json, contiguous_resolved_prefi
 from outbox.errors import ConfigurationError
 from outbox.interop import adapt_producer
 from outbox.protocol import AdvanceItem, AdvanceOutcome, SharedStreamProducer
-from outbox.writer import is_transient
+from outbox.writer import error_line, is_transient
 
 if TYPE_CHECKING:
     from outbox.core import LaneEvent
@@ -46,12 +46,6 @@ MAX_LANES_PER_PASS = 1000
 def _outcome(acked: int, failed: int, rejected: int) -> AdvanceOutcome:
     """One shared (immutable) outcome per count triple: a batch repeats a few of them."""
     return AdvanceOutcome(acked=acked, failed=failed, rejected=rejected)
-
-
-def _line(exc: BaseException) -> str:
-    """The first line of what the driver said (no SQL, no background link)."""
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _first_line(exc: BaseException) -> str:
@@ -290,7 +284,9 @@ class LaneCommitter:
                     raise
                 except Exception as exc:
                     self.listening = False
-                    log.warning("committer cannot listen for resolutions (%s); polling", _line(exc))
+                    log.warning(
+                        "committer cannot listen for resolutions (%s); polling", error_line(exc)
+                    )
                     await self._passes(until_listening_again=True)
             await self._release_when_possible()
         finally:
@@ -317,7 +313,7 @@ class LaneCommitter:
                 raise
             except Exception as exc:
                 if is_transient(exc):  # the database is away: the next pass tries again
-                    log.warning("committer pass failed (%s); retrying", _line(exc))
+                    log.warning("committer pass failed (%s); retrying", error_line(exc))
                 else:
                     log.exception("committer pass failed")
             if self._stopping or (lost is not None and lost.is_set()):
@@ -342,7 +338,7 @@ class LaneCommitter:
         try:
             await self.release()
         except Exception as exc:  # the leases expire by themselves
-            log.warning("committer could not release its leases (%s)", _line(exc))
+            log.warning("committer could not release its leases (%s)", error_line(exc))
 
     async def release(self) -> None:
         """Give up every lease this committer holds (on a graceful stop)."""

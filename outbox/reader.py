@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError
 
 from outbox._aio import wait_event
 from outbox.core import backoff_delay, canonical_json
-from outbox.writer import is_transient
+from outbox.writer import error_line, is_transient
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -144,7 +144,7 @@ class OutboxReader:
                         delay = backoff_delay(failures, base=0.05, cap=2.0)
                         log.warning(
                             "outbox reader cannot reach the database (%s); retrying in %.2fs",
-                            str(getattr(exc, "orig", None) or exc).strip().split("\n")[0],
+                            error_line(exc),
                             delay,
                         )
                         await asyncio.sleep(delay)

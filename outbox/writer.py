@@ -28,7 +28,7 @@ from outbox.errors import DatabaseUnavailable
 if TYPE_CHECKING:
     from outbox.store import EventToRecord, OutboxStore, ResolutionRow
 
-__all__ = ("Writer", "is_transient")
+__all__ = ("Writer", "error_line", "is_transient")
 
 log = logging.getLogger("outbox.writer")
 
@@ -58,8 +58,8 @@ def is_transient(exc: BaseException) -> bool:
 _is_transient = is_transient
 
 
-def _reason(exc: BaseException) -> str:
-    """The first line of what the driver said, without SQLAlchemy's background link."""
+def error_line(exc: BaseException) -> str:
+    """The first line of what the driver said, without SQL or SQLAlchemy's background link."""
     text = str(getattr(exc, "orig", None) or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -70,7 +70,7 @@ def unavailable(store: OutboxStore, exc: BaseException, elapsed: float, limit: f
     url = store.engine.url.render_as_string(hide_password=True)
     return DatabaseUnavailable(
         f"database {url} unreachable for {elapsed:.1f}s, longer than outage_limit={limit:g}s "
-        f"({_reason(exc)}); the stream stopped: subscribe again once the database is back"
+        f"({error_line(exc)}); the stream stopped: subscribe again once the database is back"
     )
 
 
@@ -136,7 +136,7 @@ class Writer:
                     raise unavailable(self._store, exc, elapsed, self._outage_limit) from None
                 delay = backoff_delay(attempts, base=0.05, cap=2.0)
                 log.warning(
-                    "outbox database call failed (%s); retrying in %.2fs", _reason(exc), delay
+                    "outbox database call failed (%s); retrying in %.2fs", error_line(exc), delay
                 )
                 await asyncio.sleep(delay)
 
@@ -270,7 +270,9 @@ class Writer:
                 elapsed = loop.time() - started
                 if transient and elapsed < self._outage_limit:
                     delay = backoff_delay(attempts, base=0.05, cap=2.0)
-                    log.warning("outbox write failed (%s); retrying in %.2fs", _reason(exc), delay)
+                    log.warning(
+                        "outbox write failed (%s); retrying in %.2fs", error_line(exc), delay
+                    )
                     await asyncio.sleep(delay)
                     continue
                 if len(batch) > 1 and not transient:
