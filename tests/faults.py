@@ -194,6 +194,19 @@ def accepts(mode: str, n: int) -> bool:
     return mode == "all" or n % 7 != 0
 
 
+async def filter_by_mode(
+    mode: str, shared_stream: AsyncIterator[Any]
+) -> AsyncIterator[TriggerEvent]:
+    """The fault tests' filter: ``{"n": n, "by": mode}`` for each accepted message ``{"n": n}``,
+    a reject for the others."""
+    async for raw in shared_stream:
+        n = int(raw["n"])
+        if not accepts(mode, n):
+            reject_shared_stream_event()
+            continue
+        yield TriggerEvent({"n": n, "by": mode})
+
+
 class LogTrigger(BaseEventTrigger):
     """A subscriber of the ``FakeLog`` registered as ``LOGS[name]``; ``mode`` as in
     ``accepts``."""
@@ -218,12 +231,8 @@ class LogTrigger(BaseEventTrigger):
     async def filter_shared_stream(
         self, shared_stream: AsyncIterator[Any]
     ) -> AsyncIterator[TriggerEvent]:
-        async for raw in shared_stream:
-            n = int(raw["n"])
-            if not accepts(self.mode, n):
-                reject_shared_stream_event()
-                continue
-            yield TriggerEvent({"n": n, "by": self.mode})
+        async for event in filter_by_mode(self.mode, shared_stream):
+            yield event
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         raise NotImplementedError("shared stream only")

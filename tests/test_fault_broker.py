@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from outbox import SharedStreamManager, TriggerEvent, reject_shared_stream_event
+from outbox import SharedStreamManager, TriggerEvent
 from outbox.kafka import KafkaSharedTrigger
-from tests.faults import accepts, free_port
+from tests.faults import accepts, filter_by_mode, free_port
 from tests.invariants import tally
 from tests.polling import eventually
 from tests.test_kafka import create_topic
@@ -108,12 +108,8 @@ class OutageTrigger(KafkaSharedTrigger):
     async def filter_shared_stream(
         self, shared_stream: AsyncIterator[Any]
     ) -> AsyncIterator[TriggerEvent]:
-        async for raw in shared_stream:
-            n = int(raw["n"])
-            if not accepts(self.mode, n):
-                reject_shared_stream_event()
-                continue
-            yield TriggerEvent({"n": n, "by": self.mode})
+        async for event in filter_by_mode(self.mode, shared_stream):
+            yield event
 
 
 async def produce(bootstrap: str, topic: str, first: int, last: int) -> None:
