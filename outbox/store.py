@@ -40,7 +40,7 @@ __all__ = (
 )
 
 VERSION_TABLE = "outbox_alembic_version"
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 NOTIFY_CHANNEL = "outbox_resolved"
 RECORDS_CHANNEL = "outbox_records"
 READER_LOCK_CLASS = 0x0B0C
