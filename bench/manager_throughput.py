@@ -244,7 +244,7 @@ def _outbox_classes() -> tuple[type[Any], type[Any]]:
     return BenchProducer, BenchTrigger
 
 
-OUTBOX_TABLES = "outbox_record, outbox_delivery, outbox_event, outbox_lane, outbox_stream"
+OUTBOX_TABLES = "outbox_record, outbox_unacked, outbox_event, outbox_lane, outbox_stream"
 
 
 async def _outbox_runner(

@@ -1,8 +1,9 @@
 """Throughput with a large retained history against an empty database (issue 6: within 10%).
 
 Two databases on one server: one empty, one holding ``--retained`` old rows (advanced events,
-their deliveries, dispatched records, in the proportions a stream with two subscribers leaves:
-one event, two deliveries, one record) as retention keeps them until ``outbox prune``. On each,
+their rejections, dispatched records, in the proportions a stream with two subscribers, one
+accepting and one rejecting, leaves: one event, one ``outbox_unacked`` row, one record) as
+retention keeps them until ``outbox prune``. On each,
 the same write path runs: N events recorded over 4 lanes, resolved by S subscribers with one
 trigger event each (group commits of 1,000 events), then advanced by a ``LaneCommitter`` pass.
 Printed: events/s on each and the ratio; the runs alternate, medians of ``--repeat``.
@@ -37,8 +38,8 @@ if TYPE_CHECKING:
 KEY = ("bench", "retention")
 LANES = 4
 
-# Old, advanced history: lanes 1..4 of an old stream, events with two acked deliveries each,
-# and one dispatched record per event; created a week ago.
+# Old, advanced history: lanes 1..4 of an old stream, events acked by one subscriber (with one
+# dispatched record) and rejected by the other; created a week ago.
 _FILL = """
 WITH s AS (
     INSERT INTO outbox_stream (key, trigger_class, trigger_kwargs, ack_timeout)
@@ -51,15 +52,15 @@ l AS (
 ),
 e AS (
     INSERT INTO outbox_event (stream_id, lane_id, position, identity, raw, payload, snapshot,
-                              pending, acked, created_at, resolved_at)
+                              resolved, pending, acked, rejected, created_at, resolved_at)
     SELECT l.stream_id, l.id, p, 'h:' || l.id || ':' || p, '{"n": 1}', '"receipt"',
-           '["a", "b"]', 0, 2, now() - interval '7 days', now() - interval '7 days'
+           '["a", "b"]', '{a,b}', 0, 1, 1, now() - interval '7 days', now() - interval '7 days'
     FROM l, generate_series(1, :per_lane) AS p
     RETURNING id, stream_id
 ),
 d AS (
-    INSERT INTO outbox_delivery (event_id, subscriber, state, resolved_at)
-    SELECT e.id, sub, 'acked', now() - interval '7 days' FROM e, (VALUES ('a'), ('b')) AS v(sub)
+    INSERT INTO outbox_unacked (event_id, subscriber, state, reason, resolved_at)
+    SELECT e.id, 'b', 'rejected', 'not for b', now() - interval '7 days' FROM e
 )
 INSERT INTO outbox_record (stream_id, event_id, subscriber, ordinal, payload, created_at,
                            dispatched_at)
@@ -81,7 +82,7 @@ class CountingProducer(SharedStreamProducer):
 
 
 async def fill(url: str, rows: int) -> None:
-    per_lane = max(1, rows // 4 // LANES)  # an event brings two deliveries and one record
+    per_lane = max(1, rows // 3 // LANES)  # an event brings a rejection and a record
     async with OutboxStore.from_url(url) as store, store.engine.begin() as conn:
         await conn.execute(sa.text(_FILL), {"per_lane": per_lane})
         await conn.execute(sa.text("ANALYZE"))

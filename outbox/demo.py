@@ -676,9 +676,7 @@ async def _tally(store: OutboxStore, progress: Progress) -> tuple[list[Table], l
             )
         ).all()
         failed = int(
-            await conn.scalar(
-                sa.text("SELECT count(*) FROM outbox_delivery WHERE state = 'failed'")
-            )
+            await conn.scalar(sa.text("SELECT count(*) FROM outbox_unacked WHERE state = 'failed'"))
             or 0
         )
     checks: list[Check] = []

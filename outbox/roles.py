@@ -30,7 +30,8 @@ RUNTIME_PRIVILEGES: Final[dict[str, tuple[str, ...]]] = {
     "outbox_stream": ("SELECT", "INSERT", "UPDATE"),  # ensure_stream upserts
     "outbox_lane": ("SELECT", "INSERT", "UPDATE"),  # positions, cursor, leases
     "outbox_event": ("SELECT", "INSERT", "UPDATE", "DELETE"),  # DELETE: prune
-    "outbox_delivery": ("SELECT", "INSERT", "DELETE"),  # DELETE: a redelivery re-opens
+    "outbox_unacked": ("SELECT", "INSERT", "DELETE"),  # DELETE: a redelivery re-opens
+    "outbox_delivery": ("SELECT",),  # a view of every resolution
     "outbox_record": ("SELECT", "INSERT", "UPDATE", "DELETE"),  # UPDATE: dispatched_at
     VERSION_TABLE: ("SELECT",),  # check_schema
 }

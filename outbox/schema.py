@@ -1,12 +1,16 @@
 """The outbox tables, as SQLAlchemy Core metadata (the migrations are checked against it).
 
-A delivery row exists only once a subscriber resolved an event; until then the subscriber is
-pending, which the event's ``snapshot`` and ``pending`` count record without a row per subscriber.
+An event's ``snapshot`` lists the subscribers that must resolve it and ``resolved`` those that
+did, first resolution winning; ``pending`` counts the difference. An ``acked`` resolution is
+nothing more than the subscriber's name in ``resolved`` (next to its records, in the same
+transaction); a ``rejected`` or ``failed`` one also gets an ``outbox_unacked`` row with its
+reason. The ``outbox_delivery`` view (migration 0005) shows every resolution as a row, for reading.
 """
 
 from __future__ import annotations
 
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
     CheckConstraint,
     Column,
@@ -25,7 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-__all__ = ("delivery", "event", "lane", "metadata", "record", "stream")
+__all__ = ("event", "lane", "metadata", "record", "stream", "unacked")
 
 metadata = MetaData(
     naming_convention={
@@ -86,6 +90,13 @@ event = Table(
     Column("raw", JSONB),
     Column("payload", JSONB),
     Column("snapshot", JSONB, nullable=False, comment="subscribers that must resolve it"),
+    Column(
+        "resolved",
+        ARRAY(Text),
+        nullable=False,
+        server_default=text("'{}'"),
+        comment="subscribers that resolved it, in any state",
+    ),
     Column("pending", Integer, nullable=False),
     Column("acked", Integer, nullable=False, server_default=text("0")),
     Column("failed", Integer, nullable=False, server_default=text("0")),
@@ -105,8 +116,8 @@ event = Table(
     postgresql_with={"fillfactor": 80},
 )
 
-delivery = Table(
-    "outbox_delivery",
+unacked = Table(
+    "outbox_unacked",
     metadata,
     Column("event_id", BigInteger, nullable=False),
     Column("subscriber", Text, nullable=False),
@@ -114,8 +125,9 @@ delivery = Table(
     Column("reason", Text),
     Column("resolved_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     PrimaryKeyConstraint("event_id", "subscriber"),
-    CheckConstraint("state IN ('acked', 'rejected', 'failed')", name="state_known"),
+    CheckConstraint("state IN ('rejected', 'failed')", name="state_known"),
 )
+
 
 record = Table(
     "outbox_record",

@@ -40,7 +40,7 @@ __all__ = (
 )
 
 VERSION_TABLE = "outbox_alembic_version"
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 NOTIFY_CHANNEL = "outbox_resolved"
 RECORDS_CHANNEL = "outbox_records"
 READER_LOCK_CLASS = 0x0B0C
@@ -187,17 +187,19 @@ _INSERT_EVENTS = sa.text(
     f"""
     WITH inserted AS (
         INSERT INTO outbox_event
-            (stream_id, lane_id, position, identity, raw, payload, snapshot, pending, acked,
-             rejected, resolved_at)
+            (stream_id, lane_id, position, identity, raw, payload, snapshot, resolved, pending,
+             acked, rejected, resolved_at)
         SELECT stream_id, lane_id, position, identity, raw::jsonb, payload::jsonb, snapshot::jsonb,
+               CASE WHEN resolved IS NULL THEN '{{}}'
+                    ELSE ARRAY(SELECT jsonb_array_elements_text(resolved::jsonb)) END,
                pending, acked, rejected, CASE WHEN pending = 0 THEN now() END
         FROM unnest({_int_array("stream_ids")}, {_int_array("lane_ids")},
                     {_int_array("positions")}, {_text_array("identities")}, CAST(:raws AS text[]),
                     CAST(:payloads AS text[]), CAST(:snapshots AS text[]),
-                    {_int_array("pendings", "int")}, {_int_array("ackeds", "int")},
-                    {_int_array("rejecteds", "int")})
+                    {_text_array("resolveds")}, {_int_array("pendings", "int")},
+                    {_int_array("ackeds", "int")}, {_int_array("rejecteds", "int")})
              WITH ORDINALITY AS x(stream_id, lane_id, position, identity, raw, payload, snapshot,
-                                  pending, acked, rejected, ord)
+                                  resolved, pending, acked, rejected, ord)
         ORDER BY ord
         RETURNING id
     )
@@ -217,8 +219,10 @@ _READ_PRIOR_OCCURRENCES = sa.text(
     """
     SELECT e.id, e.identity, e.position <= l.advanced_through AS advanced, e.pending,
            e.snapshot::text, e.lane_id,
-           coalesce((SELECT json_object_agg(d.subscriber, d.state) FROM outbox_delivery AS d
-                     WHERE d.event_id = e.id), '{}')::text
+           coalesce((SELECT json_object_agg(r.subscriber, coalesce(u.state, 'acked'))
+                     FROM unnest(e.resolved) AS r(subscriber)
+                     LEFT JOIN outbox_unacked AS u
+                            ON u.event_id = e.id AND u.subscriber = r.subscriber), '{}')::text
     FROM outbox_event AS e JOIN outbox_lane AS l ON l.id = e.lane_id
     WHERE e.stream_id = :stream_id AND e.identity = ANY(CAST(:identities AS text[]))
     ORDER BY e.id
@@ -228,7 +232,7 @@ _READ_PRIOR_OCCURRENCES = sa.text(
 _REOPEN_OCCURRENCE = sa.text(
     """
     WITH reopened AS (
-        DELETE FROM outbox_delivery
+        DELETE FROM outbox_unacked
         WHERE event_id = :event_id AND subscriber = ANY(CAST(:reopen AS text[]))
           AND state = 'failed'
         RETURNING subscriber
@@ -236,6 +240,8 @@ _REOPEN_OCCURRENCE = sa.text(
     UPDATE outbox_event
     SET payload = CAST(:payload AS jsonb), created_at = now(), resolved_at = NULL,
         snapshot = snapshot || CAST(:added AS jsonb),
+        resolved = ARRAY(SELECT r FROM unnest(resolved) AS r
+                         WHERE r NOT IN (SELECT subscriber FROM reopened)),
         pending = pending + jsonb_array_length(CAST(:added AS jsonb))
                   + (SELECT count(*) FROM reopened),
         failed = failed - (SELECT count(*) FROM reopened)
@@ -247,30 +253,54 @@ _REFRESH_PAYLOAD = sa.text(
     "UPDATE outbox_event SET payload = CAST(:payload AS jsonb) WHERE id = :event_id"
 )
 
-_INSERT_CARRIED = sa.text(
+# A new occurrence's subscribers that rejected an earlier one (those that acked it are only
+# listed in its ``resolved``).
+_INSERT_CARRIED_UNACKED = sa.text(
     """
-    INSERT INTO outbox_delivery (event_id, subscriber, state, reason)
+    INSERT INTO outbox_unacked (event_id, subscriber, state, reason)
     SELECT * FROM unnest(CAST(:event_ids AS bigint[]), CAST(:subscribers AS text[]),
                          CAST(:states AS text[]), CAST(:reasons AS text[]))
     ON CONFLICT DO NOTHING
     """
 )
 
-# First resolution wins: a delivery row is inserted only if none exists, trigger events are
-# stored only for the acked deliveries that won, and the event's counts move by what won. The
-# statement returns the resolutions that lost (normally none), not the thousands that won.
+# First resolution wins, by the event's row: a batch's resolutions of one event are applied
+# together, and only if none of their subscribers is in the event's ``resolved`` list yet (a
+# concurrent resolver's update is waited for and the condition checked again on its result).
+# A subscriber twice in the batch for one event leaves that event alone too. Trigger events are
+# stored for the events updated (the writer passes records of ``acked`` resolutions only); a
+# ``rejected`` or ``failed`` resolution also leaves its reason. Returns the events not updated,
+# normally none: ``OutboxStore.resolve`` applies their resolutions again one subscriber at a
+# time, to tell which of them won.
 _RESOLVE = sa.text(
     f"""
     WITH wanted AS (
         SELECT * FROM unnest({_int_array("event_ids")}, {_text_array("subscribers")},
                              {_text_array("states")}, {_text_array("reasons")})
-             WITH ORDINALITY AS r(event_id, subscriber, state, reason, ord)
+             AS r(event_id, subscriber, state, reason)
     ),
-    won AS (
-        INSERT INTO outbox_delivery (event_id, subscriber, state, reason)
-        SELECT event_id, subscriber, state, reason FROM wanted ORDER BY ord
-        ON CONFLICT (event_id, subscriber) DO NOTHING
-        RETURNING event_id, subscriber, state
+    per_event AS (
+        SELECT event_id, array_agg(subscriber) AS subscribers,
+               count(*) FILTER (WHERE state = 'acked') AS acked,
+               count(*) FILTER (WHERE state = 'failed') AS failed,
+               count(*) FILTER (WHERE state = 'rejected') AS rejected,
+               count(*) AS n, count(DISTINCT subscriber) AS subscribers_n
+        FROM wanted GROUP BY event_id
+    ),
+    updated AS (
+        UPDATE outbox_event AS e
+        SET resolved = e.resolved || p.subscribers, acked = e.acked + p.acked,
+            failed = e.failed + p.failed, rejected = e.rejected + p.rejected,
+            pending = e.pending - p.n, resolved_at = CASE WHEN e.pending = p.n THEN now() END
+        FROM per_event AS p
+        WHERE e.id = p.event_id AND p.n = p.subscribers_n AND NOT e.resolved && p.subscribers
+        RETURNING e.id, e.pending, e.lane_id
+    ),
+    unacked AS (
+        INSERT INTO outbox_unacked (event_id, subscriber, state, reason)
+        SELECT w.event_id, w.subscriber, w.state, w.reason
+        FROM wanted AS w JOIN updated AS u ON u.id = w.event_id
+        WHERE w.state <> 'acked'
     ),
     stored AS (
         INSERT INTO outbox_record (stream_id, event_id, subscriber, ordinal, payload)
@@ -279,25 +309,8 @@ _RESOLVE = sa.text(
                     {_text_array("rec_subscribers")}, {_int_array("rec_ordinals", "int")},
                     CAST(:rec_payloads AS text[]))
              AS x(stream_id, event_id, subscriber, ordinal, payload)
-        JOIN won ON won.event_id = x.event_id AND won.subscriber = x.subscriber
-                AND won.state = 'acked'
+        WHERE x.event_id IN (SELECT id FROM updated)
         RETURNING stream_id
-    ),
-    counts AS (
-        SELECT event_id,
-               count(*) FILTER (WHERE state = 'acked') AS acked,
-               count(*) FILTER (WHERE state = 'failed') AS failed,
-               count(*) FILTER (WHERE state = 'rejected') AS rejected,
-               count(*) AS n
-        FROM won GROUP BY event_id
-    ),
-    updated AS (
-        UPDATE outbox_event AS e
-        SET acked = e.acked + c.acked, failed = e.failed + c.failed,
-            rejected = e.rejected + c.rejected, pending = e.pending - c.n,
-            resolved_at = CASE WHEN e.pending = c.n THEN now() END
-        FROM counts AS c WHERE e.id = c.event_id
-        RETURNING e.id, e.pending, e.lane_id
     ),
     lanes_notified AS (
         SELECT pg_notify('{NOTIFY_CHANNEL}', string_agg(DISTINCT lane_id::text, ','))
@@ -307,22 +320,20 @@ _RESOLVE = sa.text(
         SELECT pg_notify('{RECORDS_CHANNEL}', string_agg(DISTINCT stream_id::text, ','))
         FROM stored HAVING count(*) > 0
     )
-    SELECT w.event_id, w.subscriber, w.state FROM wanted AS w
-    WHERE NOT EXISTS (SELECT 1 FROM won
-                      WHERE won.event_id = w.event_id AND won.subscriber = w.subscriber
-                        AND won.state = w.state)
-    UNION ALL SELECT NULL, NULL, NULL FROM lanes_notified
-    UNION ALL SELECT NULL, NULL, NULL FROM records_notified
+    SELECT p.event_id FROM per_event AS p WHERE p.event_id NOT IN (SELECT id FROM updated)
+    UNION ALL SELECT NULL FROM lanes_notified
+    UNION ALL SELECT NULL FROM records_notified
     """
 )
 
 _RESOLVED_AS = sa.text(
     f"""
-    SELECT d.event_id, d.subscriber, d.state
+    SELECT r.event_id, r.subscriber, r.state
     FROM unnest({_int_array("event_ids")}, {_text_array("subscribers")}, {_text_array("states")})
          AS r(event_id, subscriber, state)
-    JOIN outbox_delivery AS d
-      ON d.event_id = r.event_id AND d.subscriber = r.subscriber AND d.state = r.state
+    JOIN outbox_event AS e ON e.id = r.event_id AND r.subscriber = ANY(e.resolved)
+    LEFT JOIN outbox_unacked AS u ON u.event_id = r.event_id AND u.subscriber = r.subscriber
+    WHERE coalesce(u.state, 'acked') = r.state
     """
 )
 
@@ -454,15 +465,14 @@ _EXPIRED_PENDING = sa.text(
     -- An unresolved event is always after its lane's cursor: each lane's backlog is read by its
     -- (lane_id, position) index, never the history behind the cursor.
     CROSS JOIN LATERAL (
-        SELECT e.stream_id, e.id, e.snapshot FROM outbox_event AS e
+        SELECT e.stream_id, e.id, e.snapshot, e.resolved FROM outbox_event AS e
         WHERE e.lane_id = l.id AND e.position > l.advanced_through AND e.pending > 0
           AND e.created_at <= now() - make_interval(secs => s.ack_timeout + :grace)
         ORDER BY e.position
         LIMIT :limit
     ) AS e
     CROSS JOIN LATERAL jsonb_array_elements_text(e.snapshot) AS m(subscriber)
-    WHERE NOT EXISTS (SELECT 1 FROM outbox_delivery AS d
-                      WHERE d.event_id = e.id AND d.subscriber = m.subscriber)
+    WHERE m.subscriber <> ALL(e.resolved)
     ORDER BY e.id
     LIMIT :limit
     """
@@ -534,7 +544,7 @@ _PRUNE_RECORDS = sa.text(
     """
 )
 
-# Advanced: at or behind its lane's cursor. Deliveries go with the event; records stay (the
+# Advanced: at or behind its lane's cursor. Unacked rows go with the event; records stay (the
 # dispatched ones are pruned by age above), detached from it.
 _PRUNE_EVENTS = sa.text(
     """
@@ -544,8 +554,8 @@ _PRUNE_EVENTS = sa.text(
           AND e.created_at < now() - make_interval(secs => :retention)
         ORDER BY e.id LIMIT :batch FOR UPDATE OF e SKIP LOCKED
     ),
-    deliveries AS (
-        DELETE FROM outbox_delivery WHERE event_id IN (SELECT id FROM doomed)
+    unacked AS (
+        DELETE FROM outbox_unacked WHERE event_id IN (SELECT id FROM doomed)
     ),
     detached AS (
         UPDATE outbox_record SET event_id = NULL WHERE event_id IN (SELECT id FROM doomed)
@@ -796,6 +806,7 @@ class OutboxStore:
                 "raws": [e.raw_json for e, _ in new_events],
                 "payloads": [e.payload_json for e, _ in new_events],
                 "snapshots": [snapshot_json(e.snapshot) for e, _ in new_events],
+                "resolveds": _texts([json.dumps(list(c)) if c else None for _, c in new_events]),
                 "pendings": _ints(len(e.deliver_to) for e, _ in new_events),
                 "ackeds": _ints(_count(c, "acked") for _, c in new_events),
                 "rejecteds": _ints(_count(c, "rejected") for _, c in new_events),
@@ -806,14 +817,16 @@ class OutboxStore:
         born_resolved: set[int] = set()
         for (item, carried), event_id in zip(new_events, ids, strict=True):
             item.event_id = event_id
-            carried_rows.extend((event_id, s, state) for s, state in carried.items())
+            carried_rows.extend(
+                (event_id, s, state) for s, state in carried.items() if state != "acked"
+            )
             if not item.deliver_to:
                 born_resolved.add(item.lane_id)
         for duplicate, original in aliases:
             duplicate.event_id = original.event_id
         if carried_rows:
             await conn.execute(
-                _INSERT_CARRIED,
+                _INSERT_CARRIED_UNACKED,
                 {
                     "event_ids": [r[0] for r in carried_rows],
                     "subscribers": [r[1] for r in carried_rows],
@@ -879,6 +892,31 @@ class OutboxStore:
         Trigger events are stored only with an ``acked`` resolution that won."""
         if not resolutions:
             return set()
+        conflicted = await self._resolve(conn, resolutions)
+        if not conflicted:
+            return set()
+        # Some resolution of these events lost (or raced a concurrent resolver): apply each of
+        # them alone, so that the event's row tells which won. Rare: a redelivery, a timeout.
+        lost: set[tuple[int, str, str]] = set()
+        rounds: list[list[ResolutionRow]] = []
+        seen: dict[int, int] = {}
+        for r in resolutions:
+            if r.event_id in conflicted:
+                n = seen[r.event_id] = seen.get(r.event_id, -1) + 1
+                if n == len(rounds):
+                    rounds.append([])
+                rounds[n].append(r)
+        for one_per_event in rounds:
+            refused = await self._resolve(conn, one_per_event)
+            lost.update(
+                (r.event_id, r.subscriber, r.state) for r in one_per_event if r.event_id in refused
+            )
+        return lost
+
+    @staticmethod
+    async def _resolve(conn: AsyncConnection, resolutions: Sequence[ResolutionRow]) -> set[int]:
+        """Apply ``resolutions``; return the events whose resolutions were not applied, none of
+        them, because one of their subscribers had resolved that event already."""
         rec_stream_ids: list[int] = []
         rec_event_ids: list[int] = []
         rec_subscribers: list[str] = []
@@ -905,7 +943,7 @@ class OutboxStore:
                 "rec_payloads": rec_payloads,
             },
         )
-        return {(row[0], row[1], row[2]) for row in rows if row[0] is not None}
+        return {row[0] for row in rows if row[0] is not None}
 
     async def resolved_as(
         self, conn: AsyncConnection, resolutions: Sequence[ResolutionRow]

@@ -43,7 +43,7 @@ async def tally(store: OutboxStore) -> OutboxTally:
             )
         ).all()
         failed = await conn.scalar(
-            sa.text("SELECT count(*) FROM outbox_delivery WHERE state = 'failed'")
+            sa.text("SELECT count(*) FROM outbox_unacked WHERE state = 'failed'")
         )
         occurrences = await conn.scalar(sa.text("SELECT count(*) FROM outbox_event"))
         owed = await conn.scalar(sa.text("SELECT count(*) FROM outbox_event WHERE pending > 0"))

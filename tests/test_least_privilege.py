@@ -114,7 +114,7 @@ async def test_runtime_role_runs_manager_committer_and_reader_and_nothing_else(
         "CREATE TABLE public.evil (id int)",
         "CREATE INDEX evil ON outbox_record (subscriber)",
         "DROP TABLE outbox_record",
-        "TRUNCATE outbox_delivery",
+        "TRUNCATE outbox_unacked",
         "SELECT * FROM app_orders",
         "UPDATE outbox_alembic_version SET version_num = 'x'",
         "DELETE FROM outbox_stream",
@@ -300,13 +300,14 @@ def test_cli_process_stderr_hides_the_password(refusing_server: int) -> None:
 
 
 async def test_runtime_statements_touch_only_outbox_tables(store: OutboxStore) -> None:
-    """Every table the runtime role is granted exists after migrate, and outbox has no
-    other table (a new one in a migration needs a line in ``RUNTIME_PRIVILEGES``)."""
+    """Every table (or view) the runtime role is granted exists after migrate, and outbox has
+    no other table (a new one in a migration needs a line in ``RUNTIME_PRIVILEGES``)."""
     async with store.engine.connect() as conn:
         rows = await conn.execute(
             sa.text(
                 "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
-                "AND tablename LIKE 'outbox%'"
+                "AND tablename LIKE 'outbox%' UNION ALL SELECT viewname FROM pg_views "
+                "WHERE schemaname = 'public' AND viewname LIKE 'outbox%'"
             )
         )
         tables = {r[0] for r in rows}

@@ -24,9 +24,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 async def _tables(url: str) -> set[str]:
+    """Tables and views."""
     async with OutboxStore.from_url(url) as store, store.engine.connect() as conn:
         rows = await conn.execute(
-            sa.text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+            sa.text(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+                "UNION ALL SELECT viewname FROM pg_views WHERE schemaname = 'public'"
+            )
         )
         return {r[0] for r in rows}
 
@@ -38,7 +42,8 @@ async def test_upgrade_on_empty_database_creates_every_table(empty_database_url:
         "outbox_stream",
         "outbox_lane",
         "outbox_event",
-        "outbox_delivery",
+        "outbox_delivery",  # a view
+        "outbox_unacked",
         "outbox_record",
         "outbox_alembic_version",
     } <= await _tables(empty_database_url)
@@ -130,3 +135,49 @@ def test_bad_database_url_gives_one_line_error(url: str, message: str) -> None:
     assert len(lines) == 1, result.stderr
     assert message in lines[0]
     assert "secret" not in result.stderr
+
+
+async def test_resolutions_survive_the_move_of_acks_into_the_event_row(
+    empty_database_url: str,
+) -> None:
+    """Migration 0005 keeps every stored resolution, and its downgrade gives them back as rows."""
+    url = empty_database_url
+    config = alembic_config(url)
+    await migrate(url, "0004")
+    seed = """
+        WITH s AS (INSERT INTO outbox_stream (key, trigger_class, trigger_kwargs, ack_timeout)
+                   VALUES ('k', 'c', '{}', 30) RETURNING id),
+        l AS (INSERT INTO outbox_lane (stream_id, lane_key, next_position)
+              SELECT id, 'null', 2 FROM s RETURNING id, stream_id)
+        INSERT INTO outbox_event (stream_id, lane_id, position, snapshot, pending, acked,
+                                  rejected)
+        SELECT stream_id, id, 1, '["a", "b", "c"]', 1, 1, 1 FROM l RETURNING id
+    """
+    deliveries = "SELECT event_id, subscriber, state, reason FROM outbox_delivery ORDER BY 2"
+    async with OutboxStore.from_url(url) as store:
+        async with store.engine.begin() as conn:
+            event_id = await conn.scalar(sa.text(seed))
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO outbox_delivery (event_id, subscriber, state, reason) VALUES "
+                    "(:e, 'a', 'acked', NULL), (:e, 'b', 'rejected', 'not mine')"
+                ),
+                {"e": event_id},
+            )
+            before = (await conn.execute(sa.text(deliveries))).all()
+        await migrate(url)
+        async with store.engine.connect() as conn:
+            assert (await conn.execute(sa.text(deliveries))).all() == before
+            resolved = await conn.scalar(sa.text("SELECT resolved FROM outbox_event"))
+            assert sorted(resolved) == ["a", "b"]
+            unacked = (await conn.execute(sa.text("SELECT subscriber FROM outbox_unacked"))).all()
+            assert unacked == [("b",)]
+
+        def downgrade(connection: Connection) -> None:
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0004")
+
+        async with store.engine.begin() as conn:
+            await conn.run_sync(downgrade)
+        async with store.engine.connect() as conn:
+            assert (await conn.execute(sa.text(deliveries))).all() == before
