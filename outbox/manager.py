@@ -666,6 +666,10 @@ class SharedStreamManager:
                 subscriber.output_waiter = None
 
     async def _run_filter(self, stream: _Stream, subscriber: _Subscriber) -> None:
+        if stream.ack_mode:
+            # Set once, in this task's own context: whether a reject falls inside a window is
+            # the subscriber's state (and the task's identity) to tell, not a per-event setting.
+            _current_binding.set(subscriber.binding)
         raw_stream = (
             self._ack_stream(stream, subscriber)
             if stream.ack_mode
@@ -699,16 +703,16 @@ class SharedStreamManager:
             raw, event_id = await subscriber.raw.get()
             subscriber.window = event_id
             subscriber.window_rejected = False
-            _current_binding.set(subscriber.binding)
             assert subscriber.binding is not None
             close_airflow_window = open_airflow_reject_window(
                 subscriber.binding.reject, subscriber.trigger_id, event_id
             )
-            try:
+            if close_airflow_window is None:
                 yield raw
-            finally:
-                _current_binding.set(None)
-                if close_airflow_window is not None:
+            else:
+                try:
+                    yield raw
+                finally:
                     close_airflow_window()
 
     def _close_window(self, stream: _Stream, subscriber: _Subscriber) -> None:
@@ -723,7 +727,11 @@ class SharedStreamManager:
 
     def _reject(self, stream: _Stream, subscriber: _Subscriber) -> None:
         event_id = subscriber.window
-        if event_id is None or subscriber.window_rejected:
+        if (
+            event_id is None
+            or subscriber.window_rejected
+            or asyncio.current_task() is not subscriber.task
+        ):
             log.warning(
                 "reject_shared_stream_event called outside an ack-mode binding window; ignored"
             )

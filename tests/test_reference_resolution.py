@@ -666,6 +666,33 @@ async def test_reject_outside_any_window_is_no_op(caplog: pytest.LogCaptureFixtu
     ]
 
 
+async def test_reject_from_another_task_is_no_op(
+    store: OutboxStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rule 21: the filter must reject in the task that drives its stream. A task it spawns
+    inside the window (and so inherits its context) gets the warning, and the event is
+    acked with the trigger event the filter yields."""
+    producer = producer_of(({"n": 1}, "receipt-t"))
+
+    async def script(trigger: ScriptedTrigger, raw: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for event in raw:
+            await asyncio.get_running_loop().create_task(_reject_soon())
+            yield TriggerEvent(event)
+
+    async def _reject_soon() -> None:
+        reject_shared_stream_event()
+
+    caplog.set_level(logging.WARNING, logger="outbox")
+    async with SharedStreamManager(store) as manager:
+        sub = Background(manager.subscribe(trigger_id=1, trigger=ScriptedTrigger(script)))
+        await wait_until(lambda: producer.advanced == ["receipt-t"])
+        assert producer.outcomes == [AdvanceOutcome(1, 0, 0)]
+        await wait_until(lambda: sub.items == [{"n": 1}])
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "reject_shared_stream_event called outside an ack-mode binding window; ignored"
+    ]
+
+
 async def test_reject_then_yield_real_event_fires_but_does_not_bind(
     store: OutboxStore, caplog: pytest.LogCaptureFixture
 ) -> None:
