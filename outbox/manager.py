@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections import deque
@@ -37,7 +36,7 @@ from outbox.triggers import ShareableTrigger, TriggerEvent, is_ack_mode
 from outbox.writer import Writer
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Coroutine, Hashable
+    from collections.abc import AsyncIterator, Callable, Coroutine, Hashable, Sequence
 
 __all__ = ("SharedStreamManager", "SubscriberOverflow")
 
@@ -235,6 +234,7 @@ class SharedStreamManager:
             store,
             max_batch=write_batch,
             on_commit=self._committer_wakeup.set,
+            on_resolved=self._deliver,
             outage_limit=outage_limit,
         )
         self._record_batch = max(1, min(1000, write_batch))
@@ -792,11 +792,17 @@ class SharedStreamManager:
             stream.stream_id,
             subscriber.name,
             payload_json,
-            lambda result: self._deliver(subscriber, [trigger_event], result),
+            lambda result: self._hand_over(subscriber, (trigger_event,), result),
         )
 
     @staticmethod
-    def _deliver(subscriber: _Subscriber, events: list[TriggerEvent], result: Any) -> None:
+    def _deliver(resolution: ResolutionRow, result: Any) -> None:
+        """The writer's report on a resolution with trigger events: hand them to their
+        subscriber if it won, or end its stream if the write failed."""
+        SharedStreamManager._hand_over(resolution.owner, resolution.events, result)
+
+    @staticmethod
+    def _hand_over(subscriber: _Subscriber, events: Sequence[TriggerEvent], result: Any) -> None:
         if isinstance(result, BaseException):
             subscriber.emit(_End(result))
         elif result is not False:
@@ -821,9 +827,15 @@ class SharedStreamManager:
             del stream.outstanding[event_id]
         self._writer.resolve(
             ResolutionRow(
-                stream.stream_id, event_id, subscriber.name, state, reason, records or ()
-            ),
-            functools.partial(self._deliver, subscriber, events) if events else None,
+                stream.stream_id,
+                event_id,
+                subscriber.name,
+                state,
+                reason,
+                records or (),
+                events or (),
+                subscriber if events else None,
+            )
         )
 
     def _write_resolution(

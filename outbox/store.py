@@ -93,6 +93,9 @@ class ResolutionRow(NamedTuple):
     state: str
     reason: str | None
     records: Sequence[str] = ()
+    # Never stored: the writer hands them back to its caller after the commit.
+    events: Sequence[Any] = ()
+    owner: Any = None
 
 
 @dataclass(frozen=True, slots=True)

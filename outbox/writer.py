@@ -24,9 +24,10 @@ from sqlalchemy.exc import DBAPIError
 
 from outbox.core import backoff_delay
 from outbox.errors import DatabaseUnavailable
+from outbox.store import ResolutionRow
 
 if TYPE_CHECKING:
-    from outbox.store import EventToRecord, OutboxStore, ResolutionRow
+    from outbox.store import EventToRecord, OutboxStore
 
 __all__ = ("Writer", "error_line", "is_transient")
 
@@ -81,13 +82,18 @@ class _Item:
     callback: Callback | None
 
 
+# A resolution without a callback of its own is queued as itself: the hot path makes no item,
+# closure or bound method per resolution (``on_resolved`` is told of those with an ``owner``).
+_Queued = _Item | ResolutionRow
+
+
 class _Queue:
     """One stream of work committed by its own task, one batch at a time."""
 
     __slots__ = ("items", "task", "wakeup")
 
     def __init__(self) -> None:
-        self.items: deque[_Item] = deque()
+        self.items: deque[_Queued] = deque()
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -102,6 +108,7 @@ class Writer:
         max_batch: int = 4000,
         outage_limit: float = 60.0,
         on_commit: Callable[[], None] | None = None,
+        on_resolved: Callable[[ResolutionRow, Any], None] | None = None,
         parallel: int = 2,
         min_split: int = 500,
     ) -> None:
@@ -111,6 +118,7 @@ class Writer:
         self._min_split = max(1, min_split)
         self._outage_limit = outage_limit
         self._on_commit = on_commit
+        self._on_resolved = on_resolved
         self._recording = _Queue()
         self._resolving = _Queue()
         self._queues = (self._recording, self._resolving)
@@ -159,7 +167,7 @@ class Writer:
                 queue.task = None
 
     @staticmethod
-    def _submit(queue: _Queue, item: _Item) -> None:
+    def _submit(queue: _Queue, item: _Queued) -> None:
         queue.items.append(item)
         queue.wakeup.set()
 
@@ -167,10 +175,15 @@ class Writer:
         """Record ``events``; ``callback(events or exception)`` runs after the commit."""
         self._submit(self._recording, _Item("events", events, callback))
 
-    def resolve(self, resolution: ResolutionRow, callback: Callback | None) -> None:
-        """Store ``resolution``; ``callback(True if it won, False if an earlier resolution of the
-        same delivery won, or an exception)`` runs after the commit."""
-        self._submit(self._resolving, _Item("resolution", resolution, callback))
+    def resolve(self, resolution: ResolutionRow, callback: Callback | None = None) -> None:
+        """Store ``resolution``; after the commit, ``callback(result)`` runs, or else
+        ``on_resolved(resolution, result)`` if the resolution has an ``owner``. The result is
+        True if it won, False if an earlier resolution of the same delivery won, or an
+        exception."""
+        if callback is None:
+            self._submit(self._resolving, resolution)
+        else:
+            self._submit(self._resolving, _Item("resolution", resolution, callback))
 
     def store_unbound(
         self, stream_id: int, subscriber: str, payload_json: str, callback: Callback
@@ -212,7 +225,7 @@ class Writer:
             if not queue.items:
                 queue.wakeup.clear()
                 await queue.wakeup.wait()
-            batch: list[_Item] = []
+            batch: list[_Queued] = []
             while queue.items and len(batch) < self._max_batch:
                 batch.append(queue.items.popleft())
             parts = self._partition(batch)
@@ -230,31 +243,31 @@ class Writer:
                         results[i] = result
             self._finish(batch, results)
 
-    def _partition(self, batch: list[_Item]) -> list[list[int]]:
+    def _partition(self, batch: list[_Queued]) -> list[list[int]]:
         """Split a large batch into up to ``parallel`` groups of item indexes, one transaction
         each, run concurrently. Resolutions are cut by contiguous event-id ranges, so every
         resolution of one event (and so every contender for one delivery) stays in one group,
         in submission order; everything that is not a resolution goes to the first group."""
-        n_res = sum(1 for item in batch if item.kind == "resolution")
+        rows = [_resolution_of(item) for item in batch]
+        n_res = len(rows) - rows.count(None)
         groups = min(self._parallel, n_res // self._min_split)
         if groups < 2:
             return [list(range(len(batch)))]
         per_event: dict[int, int] = {}
-        for item in batch:
-            if item.kind == "resolution":
-                event_id = item.value.event_id
-                per_event[event_id] = per_event.get(event_id, 0) + 1
+        for row in rows:
+            if row is not None:
+                per_event[row.event_id] = per_event.get(row.event_id, 0) + 1
         group_of: dict[int, int] = {}
         seen = 0
         for event_id in sorted(per_event):
             group_of[event_id] = min(groups - 1, seen * groups // n_res)
             seen += per_event[event_id]
         parts: list[list[int]] = [[] for _ in range(groups)]
-        for i, item in enumerate(batch):
-            parts[group_of[item.value.event_id] if item.kind == "resolution" else 0].append(i)
+        for i, row in enumerate(rows):
+            parts[group_of[row.event_id] if row is not None else 0].append(i)
         return [part for part in parts if part]
 
-    async def _commit_with_retry(self, batch: list[_Item]) -> list[Any]:
+    async def _commit_with_retry(self, batch: list[_Queued]) -> list[Any]:
         """Commit ``batch``; the result of each item, or the exception that failed it."""
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -285,33 +298,39 @@ class Writer:
                 log.error("outbox write failed: %s", exc)
                 return [exc] * len(batch)
 
-    def _finish(self, batch: list[_Item], results: list[Any]) -> None:
+    def _finish(self, batch: list[_Queued], results: list[Any]) -> None:
+        on_resolved = self._on_resolved
         for item, result in zip(batch, results, strict=True):
-            if item.callback is not None:
-                try:
+            try:
+                if type(item) is ResolutionRow:
+                    if item.owner is not None and on_resolved is not None:
+                        on_resolved(item, result)
+                elif isinstance(item, _Item) and item.callback is not None:
                     item.callback(result)
-                except Exception:  # a callback bug must not stop the writer
-                    log.exception("outbox writer callback failed")
+            except Exception:  # a callback bug must not stop the writer
+                log.exception("outbox writer callback failed")
 
-    async def _commit(self, batch: list[_Item], *, after_failure: bool = False) -> list[Any]:
+    async def _commit(self, batch: list[_Queued], *, after_failure: bool = False) -> list[Any]:
         events: list[EventToRecord] = []
         resolutions: list[ResolutionRow] = []
         unbound: list[tuple[int, str, str]] = []
         seen: set[tuple[int, str]] = set()
         first: list[bool] = []  # per resolution item: the first of its delivery in the batch
-        for item in batch:
-            if item.kind == "events":
-                events.extend(item.value)
-            elif item.kind == "resolution":
-                # Of two resolutions of one delivery in a batch only the first can win: the
-                # second never reaches the statement (whose records would join the winner).
-                key = (item.value.event_id, item.value.subscriber)
+        rows = [_resolution_of(item) for item in batch]
+        for item, row in zip(batch, rows, strict=True):
+            if row is not None:
+                # Of two resolutions of one delivery in a batch only the first can win; the
+                # second never reaches the store (both would report as the same triple).
+                key = (row.event_id, row.subscriber)
                 first.append(key not in seen)
                 if first[-1]:
                     seen.add(key)
-                    resolutions.append(item.value)
-            elif item.kind == "unbound":
-                unbound.append(item.value)
+                    resolutions.append(row)
+            elif isinstance(item, _Item):
+                if item.kind == "events":
+                    events.extend(item.value)
+                elif item.kind == "unbound":
+                    unbound.append(item.value)
         lost: set[tuple[int, str, str]] = set()
         if events or resolutions or unbound:
             lanes_may_be_ready = bool(resolutions)
@@ -335,12 +354,17 @@ class Writer:
                 self._on_commit()
         results: list[Any] = []
         firsts = iter(first)
-        for item in batch:
-            if item.kind == "resolution":
-                r: ResolutionRow = item.value
+        for item, r in zip(batch, rows, strict=True):
+            if r is not None:
                 results.append(next(firsts) and (r.event_id, r.subscriber, r.state) not in lost)
-            elif item.kind == "events":
+            elif isinstance(item, _Item) and item.kind == "events":
                 results.append(item.value)
             else:
                 results.append(None)
         return results
+
+
+def _resolution_of(item: _Queued) -> ResolutionRow | None:
+    if isinstance(item, _Item):
+        return item.value if item.kind == "resolution" else None
+    return item
