@@ -111,9 +111,9 @@ event = Table(
         "identity",
         postgresql_where=text("identity IS NOT NULL"),
     ),
-    # Room on each page for the counter updates of resolutions to stay HOT (no index writes):
-    # no index covers the columns they change.
-    postgresql_with={"fillfactor": 80},
+    # Room on each page for the resolutions of all its events (a new, longer row version each)
+    # to stay HOT, writing no index entries: no index covers the columns they change.
+    postgresql_with={"fillfactor": 40},
 )
 
 unacked = Table(
