@@ -424,7 +424,9 @@ _LOCK_LEASED_LANES = sa.text(
 )
 
 # Per lane, a correlated check over its range by the (lane_id, position) index: a join of all
-# lanes' ranges at once lets the planner scan the whole event table, history included.
+# lanes' ranges at once lets the planner scan the whole event table, history included. The
+# ``OFFSET 0`` keeps the planner from turning the check into such a join (an anti-join) itself,
+# which it does once the event table spans enough pages.
 _MOVE_CURSORS = sa.text(
     f"""
     UPDATE outbox_lane AS l
@@ -438,7 +440,8 @@ _MOVE_CURSORS = sa.text(
         LEFT JOIN unnest({_int_array("ids")}, {_int_array("versions", "text")}) AS x(id, version)
                ON x.id = e.id
         WHERE e.lane_id = m.lane_id AND e.position > m.after AND e.position <= m.through
-          AND (e.pending > 0 OR x.version IS DISTINCT FROM e.xmin::text))
+          AND (e.pending > 0 OR x.version IS DISTINCT FROM e.xmin::text)
+        OFFSET 0)
     RETURNING l.id
     """
 )
