@@ -892,10 +892,10 @@ class OutboxStore:
 
     async def resolve(
         self, conn: AsyncConnection, resolutions: Sequence[ResolutionRow]
-    ) -> set[tuple[int, str, str]]:
-        """Store resolutions, first one wins; return the ``(event_id, subscriber, state)`` of
-        those that lost to an earlier one (stored before, or earlier in ``resolutions``).
-        Trigger events are stored only with an ``acked`` resolution that won."""
+    ) -> set[int]:
+        """Store resolutions, first one wins; return the indexes (in ``resolutions``) of those
+        that lost to an earlier one (stored before, or earlier in ``resolutions``). Trigger
+        events are stored only with an ``acked`` resolution that won."""
         if not resolutions:
             return set()
         conflicted = await self._resolve(conn, resolutions)
@@ -903,20 +903,18 @@ class OutboxStore:
             return set()
         # Some resolution of these events lost (or raced a concurrent resolver): apply each of
         # them alone, so that the event's row tells which won. Rare: a redelivery, a timeout.
-        lost: set[tuple[int, str, str]] = set()
-        rounds: list[list[ResolutionRow]] = []
+        lost: set[int] = set()
+        rounds: list[list[int]] = []
         seen: dict[int, int] = {}
-        for r in resolutions:
+        for i, r in enumerate(resolutions):
             if r.event_id in conflicted:
                 n = seen[r.event_id] = seen.get(r.event_id, -1) + 1
                 if n == len(rounds):
                     rounds.append([])
-                rounds[n].append(r)
+                rounds[n].append(i)
         for one_per_event in rounds:
-            refused = await self._resolve(conn, one_per_event)
-            lost.update(
-                (r.event_id, r.subscriber, r.state) for r in one_per_event if r.event_id in refused
-            )
+            refused = await self._resolve(conn, [resolutions[i] for i in one_per_event])
+            lost.update(i for i in one_per_event if resolutions[i].event_id in refused)
         return lost
 
     @staticmethod

@@ -27,6 +27,8 @@ from outbox.errors import DatabaseUnavailable
 from outbox.store import ResolutionRow
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
     from outbox.store import EventToRecord, OutboxStore
 
 __all__ = ("Writer", "error_line", "is_transient")
@@ -314,24 +316,16 @@ class Writer:
         events: list[EventToRecord] = []
         resolutions: list[ResolutionRow] = []
         unbound: list[tuple[int, str, str]] = []
-        seen: set[tuple[int, str]] = set()
-        first: list[bool] = []  # per resolution item: the first of its delivery in the batch
         rows = [_resolution_of(item) for item in batch]
         for item, row in zip(batch, rows, strict=True):
             if row is not None:
-                # Of two resolutions of one delivery in a batch only the first can win; the
-                # second never reaches the store (both would report as the same triple).
-                key = (row.event_id, row.subscriber)
-                first.append(key not in seen)
-                if first[-1]:
-                    seen.add(key)
-                    resolutions.append(row)
+                resolutions.append(row)
             elif isinstance(item, _Item):
                 if item.kind == "events":
                     events.extend(item.value)
                 elif item.kind == "unbound":
                     unbound.append(item.value)
-        lost: set[tuple[int, str, str]] = set()
+        lost: set[int] = set()  # indexes in ``resolutions``
         if events or resolutions or unbound:
             lanes_may_be_ready = bool(resolutions)
             async with self._store.engine.begin() as conn:
@@ -340,28 +334,38 @@ class Writer:
                 if resolutions:
                     lost = await self._store.resolve(conn, resolutions)
                     if after_failure and lost:
-                        # The failed attempt may have committed before its connection broke:
-                        # a delivery stored in the very state asked for is this batch's own
-                        # (this manager resolves each delivery it owes once), so it won.
-                        lost -= await self._store.resolved_as(
-                            conn,
-                            [r for r in resolutions if (r.event_id, r.subscriber, r.state) in lost],
-                        )
+                        lost = await self._won_before(conn, resolutions, lost)
                 if unbound:
                     await self._store.insert_unbound_records(conn, unbound)
             self.transactions += 1
             if self._on_commit is not None and lanes_may_be_ready:
                 self._on_commit()
         results: list[Any] = []
-        firsts = iter(first)
+        index = 0
         for item, r in zip(batch, rows, strict=True):
             if r is not None:
-                results.append(next(firsts) and (r.event_id, r.subscriber, r.state) not in lost)
+                results.append(index not in lost)
+                index += 1
             elif isinstance(item, _Item) and item.kind == "events":
                 results.append(item.value)
             else:
                 results.append(None)
         return results
+
+    async def _won_before(
+        self, conn: AsyncConnection, resolutions: list[ResolutionRow], lost: set[int]
+    ) -> set[int]:
+        """``lost`` without the resolutions that the failed attempt stored: that attempt may
+        have committed before its connection broke, and a delivery stored in the very state
+        asked for is this batch's own (the first of it in the batch, if it is there twice)."""
+        stored = await self._store.resolved_as(conn, [resolutions[i] for i in sorted(lost)])
+        claimed: set[tuple[int, str]] = set()
+        for i, r in enumerate(resolutions):
+            key = (r.event_id, r.subscriber)
+            if key not in claimed and (r.event_id, r.subscriber, r.state) in stored:
+                claimed.add(key)
+                lost.discard(i)
+        return lost
 
 
 def _resolution_of(item: _Queued) -> ResolutionRow | None:
