@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pgsupport import bench_database
+from pgsupport import OUTBOX_TABLES, bench_database
 
 from outbox import AdvanceItem, LaneCommitter, OutboxStore, SharedStreamProducer
 from outbox.core import canonical_json
@@ -126,7 +126,7 @@ async def latency(store: OutboxStore, rate: int, seconds: float) -> dict[str, An
 
 async def throughput(store: OutboxStore, backlog: int, batch_size: int) -> dict[str, Any]:
     async with store.engine.begin() as conn:
-        await conn.execute(sa.text("TRUNCATE outbox_stream CASCADE"))
+        await conn.execute(sa.text(f"TRUNCATE {OUTBOX_TABLES}"))
     stream_id, lane_ids = await setup(store)
     for start in range(0, backlog, 5000):
         await record_and_resolve(

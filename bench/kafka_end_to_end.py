@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pgsupport import OUTBOX_TABLES  # noqa: E402 (the bench directory is on the path only now)
 
 
 def server_url(url: str, database: str) -> str:
@@ -160,8 +162,7 @@ async def end_to_end(
     group = f"bench-{uuid.uuid4().hex[:8]}"
     async with OutboxStore.from_url(url) as store:
         async with store.engine.begin() as conn:
-            await conn.execute(sa.text("TRUNCATE outbox_stream CASCADE"))
-            await conn.execute(sa.text("TRUNCATE outbox_record"))
+            await conn.execute(sa.text(f"TRUNCATE {OUTBOX_TABLES}"))
         manager = SharedStreamManager(store, ack_timeout=max(60.0, limit))
 
         async def drain(events: AsyncIterator[TriggerEvent]) -> None:
