@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pgsupport import bench_database, plain_url
+from pgsupport import OUTBOX_TABLES, bench_database, plain_url
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Hashable, Sequence
@@ -242,9 +242,6 @@ def _outbox_classes() -> tuple[type[Any], type[Any]]:
             yield  # pragma: no cover
 
     return BenchProducer, BenchTrigger
-
-
-OUTBOX_TABLES = "outbox_record, outbox_unacked, outbox_event, outbox_lane, outbox_stream"
 
 
 async def _outbox_runner(
@@ -542,9 +539,39 @@ def summarise(results: list[dict[str, Any]], args: argparse.Namespace) -> tuple[
                     base = med(other, subs, lanes)
                     ratios.append(f"{ours / base:.2f}" if base else "-")
                 lines.append(f"| {lanes} | {subs} | {ours:,.0f} | " + " | ".join(ratios) + " |")
+        lines += _paired_ratios(results, args, others)
     clean = all(r.get("clean") for r in results)
     lines += ["", f"all runs clean: {'yes' if clean else 'NO'} ({len(results)} runs)"]
     return "\n".join(lines), clean
+
+
+def _paired_ratios(
+    results: list[dict[str, Any]], args: argparse.Namespace, others: list[str]
+) -> list[str]:
+    """Each outbox run against the baseline runs of its own repetition (a cell's
+    implementations run back to back), median of those ratios: steadier than a ratio of
+    medians on a machine whose speed drifts during a pass."""
+    by_rep: dict[tuple[int, int, int], dict[str, float]] = {}
+    for r in results:
+        if r.get("ok") and "rep" in r:
+            key = (r["lanes"], r["subscribers"], r["rep"])
+            by_rep.setdefault(key, {})[r["impl"]] = r["events_per_s"]
+    lines = [
+        "",
+        "paired by repetition (median of per-repetition ratios):",
+        "",
+        "| lanes | subs | " + " | ".join(f"÷ {i}" for i in others) + " |",
+        "|---|---|" + "---|" * len(others),
+    ]
+    for lanes in args.lanes:
+        for subs in args.subscribers:
+            reps = [v for (ln, sb, _), v in sorted(by_rep.items()) if (ln, sb) == (lanes, subs)]
+            cells = []
+            for other in others:
+                ratios = [v["outbox"] / v[other] for v in reps if "outbox" in v and v.get(other)]
+                cells.append(f"{statistics.median(ratios):.2f}" if ratios else "-")
+            lines.append(f"| {lanes} | {subs} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def orchestrate(args: argparse.Namespace) -> int:
