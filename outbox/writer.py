@@ -245,7 +245,7 @@ class Writer:
                         results[i] = result
             self._finish(batch, results)
 
-    def _partition(self, batch: list[_Queued]) -> list[list[int]]:
+    def _partition(self, batch: Sequence[_Queued]) -> list[list[int]]:
         """Split a large batch into up to ``parallel`` groups of item indexes, one transaction
         each, run concurrently. Resolutions are cut by contiguous event-id ranges, so every
         resolution of one event (and so every contender for one delivery) stays in one group,
