@@ -522,13 +522,10 @@ def summarise(results: list[dict[str, Any]], args: argparse.Namespace) -> tuple[
                 )
     if "outbox" in impls:
         others = [i for i in impls if i != "outbox"]
-        lines += [
-            "",
+        lines += _table_head(
             "outbox events/s as a ratio of each baseline (same run, medians):",
-            "",
-            "| lanes | subs | outbox events/s | " + " | ".join(f"÷ {i}" for i in others) + " |",
-            "|---|---|---|" + "---|" * len(others),
-        ]
+            ["lanes", "subs", "outbox events/s", *(f"÷ {i}" for i in others)],
+        )
         for lanes in args.lanes:
             for subs in args.subscribers:
                 ours = med("outbox", subs, lanes)
@@ -545,6 +542,10 @@ def summarise(results: list[dict[str, Any]], args: argparse.Namespace) -> tuple[
     return "\n".join(lines), clean
 
 
+def _table_head(title: str, columns: list[str]) -> list[str]:
+    return ["", title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def _paired_ratios(
     results: list[dict[str, Any]], args: argparse.Namespace, others: list[str]
 ) -> list[str]:
@@ -556,13 +557,10 @@ def _paired_ratios(
         if r.get("ok") and "rep" in r:
             key = (r["lanes"], r["subscribers"], r["rep"])
             by_rep.setdefault(key, {})[r["impl"]] = r["events_per_s"]
-    lines = [
-        "",
+    lines = _table_head(
         "paired by repetition (median of per-repetition ratios):",
-        "",
-        "| lanes | subs | " + " | ".join(f"÷ {i}" for i in others) + " |",
-        "|---|---|" + "---|" * len(others),
-    ]
+        ["lanes", "subs", *(f"÷ {i}" for i in others)],
+    )
     for lanes in args.lanes:
         for subs in args.subscribers:
             reps = [v for (ln, sb, _), v in sorted(by_rep.items()) if (ln, sb) == (lanes, subs)]
