@@ -123,6 +123,9 @@ class _Subscriber:
     task: asyncio.Task[None] | None = None
     window: int | None = None
     window_rejected: bool = False
+    # The task that pulled the window's event: only it may reject it (None once the stream was
+    # closed at the yield, where the window stays open but nothing can reject in it any more).
+    window_task: asyncio.Task[Any] | None = None
     window_events: list[TriggerEvent] = field(default_factory=list)
     window_records: list[str] = field(default_factory=list)
     failed: bool = False
@@ -667,8 +670,9 @@ class SharedStreamManager:
 
     async def _run_filter(self, stream: _Stream, subscriber: _Subscriber) -> None:
         if stream.ack_mode:
-            # Set once, in this task's own context: whether a reject falls inside a window is
-            # the subscriber's state (and the task's identity) to tell, not a per-event setting.
+            # Set once, in this task's own context (tasks it starts inherit it): whether a reject
+            # falls inside a window is the subscriber's state to tell, and the task that pulled
+            # the window's event, not a per-event setting.
             _current_binding.set(subscriber.binding)
         raw_stream = (
             self._ack_stream(stream, subscriber)
@@ -703,16 +707,18 @@ class SharedStreamManager:
             raw, event_id = await subscriber.raw.get()
             subscriber.window = event_id
             subscriber.window_rejected = False
+            subscriber.window_task = asyncio.current_task()
             assert subscriber.binding is not None
             close_airflow_window = open_airflow_reject_window(
                 subscriber.binding.reject, subscriber.trigger_id, event_id
             )
-            if close_airflow_window is None:
+            try:
                 yield raw
-            else:
-                try:
-                    yield raw
-                finally:
+            except GeneratorExit:
+                subscriber.window_task = None  # rule 16: closed at the yield
+                raise
+            finally:
+                if close_airflow_window is not None:
                     close_airflow_window()
 
     def _close_window(self, stream: _Stream, subscriber: _Subscriber) -> None:
@@ -730,7 +736,7 @@ class SharedStreamManager:
         if (
             event_id is None
             or subscriber.window_rejected
-            or asyncio.current_task() is not subscriber.task
+            or asyncio.current_task() is not subscriber.window_task
         ):
             log.warning(
                 "reject_shared_stream_event called outside an ack-mode binding window; ignored"

@@ -12,6 +12,7 @@ then committer passes until one advances nothing), which is deterministic.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -690,6 +691,36 @@ async def test_reject_from_another_task_is_no_op(
         await wait_until(lambda: sub.items == [{"n": 1}])
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
         "reject_shared_stream_event called outside an ack-mode binding window; ignored"
+    ]
+
+
+async def test_reject_after_the_stream_was_closed_is_no_op(
+    store: OutboxStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rule 16: a filter that closes its stream while on an event (``break`` inside
+    ``aclosing``) leaves the window open, but a reject after that only warns; the event stays
+    pending (for unsubscribe or the ack timeout)."""
+    producer_of(({"n": 1}, "receipt-c"))
+    rejected = asyncio.Event()
+
+    async def script(trigger: ScriptedTrigger, raw: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async with contextlib.aclosing(raw) as events:  # type: ignore[type-var]
+            async for _ in events:
+                break
+        reject_shared_stream_event()
+        rejected.set()
+        return
+        yield  # pragma: no cover - an async generator that yields nothing
+
+    caplog.set_level(logging.WARNING, logger="outbox")
+    async with SharedStreamManager(store, clock=FakeClock()) as manager:
+        Background(manager.subscribe(trigger_id=1, trigger=ScriptedTrigger(script)))
+        await asyncio.wait_for(rejected.wait(), 10)
+        await settle(manager)
+        assert subscriber_of(manager, 1).window is not None  # still open, never resolved
+        assert await delivery_rows(store) == []
+    assert "reject_shared_stream_event called outside an ack-mode binding window; ignored" in [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
     ]
 
 
