@@ -927,6 +927,8 @@ class OutboxStore:
         rec_ordinals: list[int] = []
         rec_payloads: list[str] = []
         for r in resolutions:
+            if r.state != "acked":
+                continue  # trigger events are stored with an acked resolution only
             for ordinal, payload in enumerate(r.records):
                 rec_stream_ids.append(r.stream_id)
                 rec_event_ids.append(r.event_id)

@@ -359,11 +359,13 @@ class Writer:
         have committed before its connection broke, and a delivery stored in the very state
         asked for is this batch's own (the first of it in the batch, if it is there twice)."""
         stored = await self._store.resolved_as(conn, [resolutions[i] for i in sorted(lost)])
-        claimed: set[tuple[int, str]] = set()
+        firsts: set[tuple[int, str]] = set()
         for i, r in enumerate(resolutions):
             key = (r.event_id, r.subscriber)
-            if key not in claimed and (r.event_id, r.subscriber, r.state) in stored:
-                claimed.add(key)
+            if key in firsts:
+                continue  # a later one of a delivery never wins over the batch's first
+            firsts.add(key)
+            if (r.event_id, r.subscriber, r.state) in stored:
                 lost.discard(i)
         return lost
 

@@ -77,7 +77,7 @@ async def test_a_batch_applies_the_winners_and_returns_the_losers(store: OutboxS
             [
                 ResolutionRow(stream_id, event_id, "a", "acked", None, ('{"by": "a"}',)),
                 ResolutionRow(stream_id, event_id, "b", "acked", None, ('{"by": "b"}',)),
-                ResolutionRow(stream_id, event_id, "c", "failed", "timed out"),
+                ResolutionRow(stream_id, event_id, "c", "failed", "timed out", ('"not stored"',)),
             ],
         )
     assert lost == {1}  # b resolved before
@@ -87,7 +87,7 @@ async def test_a_batch_applies_the_winners_and_returns_the_losers(store: OutboxS
         ("b", "rejected", "not mine"),
         ("c", "failed", "timed out"),
     ]
-    assert records == [("a", {"by": "a"})]
+    assert records == [("a", {"by": "a"})]  # none with the lost ack, nor with the failure
     assert counts == (0, 1, 1, 1)
 
 
