@@ -476,6 +476,10 @@ _EXPIRED_PENDING = sa.text(
           AND e.created_at <= now() - make_interval(secs => s.ack_timeout + :grace)
         ORDER BY e.position
         LIMIT :limit
+        -- Locked until the failures commit: a redelivery re-opening one of these meanwhile
+        -- (``created_at`` reset, its subscriber taken off ``resolved``) is skipped now, and
+        -- seen as not expired next time, instead of having its fresh delivery failed at once.
+        FOR UPDATE OF e SKIP LOCKED
     ) AS e
     CROSS JOIN LATERAL jsonb_array_elements_text(e.snapshot) AS m(subscriber)
     WHERE m.subscriber <> ALL(e.resolved)

@@ -143,3 +143,33 @@ async def test_event_reopened_for_a_new_subscriber_during_the_advance_stays_unad
     assert await lanes.run_once() == 1
     assert producer.batches == [["r1"], ["r2"]]
     assert producer.outcomes[-1].acked == 2
+
+
+async def test_the_timeout_sweep_skips_an_event_a_redelivery_is_reopening(
+    store: OutboxStore,
+) -> None:
+    """m1 timed out for s2 and failed for s1; its redelivery re-opens it (fresh ``created_at``,
+    s1 owed again) while the ack-timeout sweep runs. The sweep must not fail the fresh
+    deliveries: it skips the event while the redelivery holds it, and afterwards the event is
+    no longer expired."""
+    stream_id, lane_id = await _stream(store)
+    first = _delivery(stream_id, lane_id, "r1", ("s1", "s2"))
+    async with store.engine.begin() as conn:
+        await store.record_events(conn, [first])
+        await store.resolve(conn, [ResolutionRow(stream_id, first.event_id, "s1", "failed", "x")])
+        await conn.execute(sa.text("UPDATE outbox_stream SET ack_timeout = 60"))
+        await conn.execute(sa.text("UPDATE outbox_event SET created_at = now() - interval '1 h'"))
+    async with store.engine.connect() as redelivery:
+        await redelivery.begin()
+        again = _delivery(stream_id, lane_id, "r2", ("s1", "s2"))
+        await store.record_events(redelivery, [again])
+        assert again.event_id == first.event_id and set(again.deliver_to) == {"s1", "s2"}
+        assert await asyncio.wait_for(store.fail_expired(), 10) == 0
+        await redelivery.commit()
+    assert await store.fail_expired() == 0
+    async with store.engine.connect() as conn:
+        states = (
+            await conn.execute(sa.text("SELECT subscriber, state FROM outbox_delivery"))
+        ).all()
+        pending = await conn.scalar(sa.text("SELECT pending FROM outbox_event"))
+    assert (states, pending) == ([], 2)
