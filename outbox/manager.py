@@ -440,7 +440,7 @@ class SharedStreamManager:
         reason = f"stream failed: {type(error).__name__}: {error}"
         for event_id, entry in list(stream.outstanding.items()):
             for name in sorted(entry.pending):
-                self._write_resolution(stream, name, event_id, FAILED, reason[:500])
+                self._write_failure(stream, name, event_id, reason[:500])
         stream.outstanding.clear()
 
     async def _finish_stream(self, stream: _Stream, source: AsyncIterator[Any] | None) -> None:
@@ -605,7 +605,7 @@ class SharedStreamManager:
             reason = "stream stopped before broadcast"
             for event in events:
                 for name in event.deliver_to:
-                    self._write_resolution(stream, name, event.event_id, FAILED, reason)
+                    self._write_failure(stream, name, event.event_id, reason)
             return
         now = self._now()
         may_overflow = self.overflow == "fail"
@@ -630,7 +630,7 @@ class SharedStreamManager:
                         if subscriber is None
                         else "subscriber failed before broadcast"
                     )
-                    self._write_resolution(stream, name, event.event_id, FAILED, reason)
+                    self._write_failure(stream, name, event.event_id, reason)
                     continue
                 entry.pending.add(name)
                 targets.append(subscriber)
@@ -844,20 +844,9 @@ class SharedStreamManager:
             )
         )
 
-    def _write_resolution(
-        self,
-        stream: _Stream,
-        name: str,
-        event_id: int,
-        state: str,
-        reason: str | None,
-        records: list[str] | None = None,
-        callback: Callable[[Any], None] | None = None,
-    ) -> None:
-        self._writer.resolve(
-            ResolutionRow(stream.stream_id, event_id, name, state, reason, records or ()),
-            callback,
-        )
+    def _write_failure(self, stream: _Stream, name: str, event_id: int, reason: str) -> None:
+        """Fail ``name``'s delivery of an event it will never be handed (or never finish)."""
+        self._writer.resolve(ResolutionRow(stream.stream_id, event_id, name, FAILED, reason))
 
     def _overflowed(self, stream: _Stream, subscriber: _Subscriber) -> bool:
         """With ``overflow="fail"``, fail a subscriber whose queue is full (Airflow's rule)."""
@@ -915,7 +904,7 @@ class SharedStreamManager:
                     subscriber = stream.subscribers.get(name)
                     if subscriber is None or subscriber.failed:
                         entry.pending.discard(name)
-                        self._write_resolution(stream, name, event_id, FAILED, "ack timeout")
+                        self._write_failure(stream, name, event_id, "ack timeout")
                         continue
                     log.warning(
                         "Ack timeout; force-failing subscriber",

@@ -271,7 +271,7 @@ _INSERT_CARRIED_UNACKED = sa.text(
 # together, and only if none of their subscribers is in the event's ``resolved`` list yet (a
 # concurrent resolver's update is waited for and the condition checked again on its result).
 # A subscriber twice in the batch for one event leaves that event alone too. Trigger events are
-# stored for the events updated (the writer passes records of ``acked`` resolutions only); a
+# stored for the events updated (``_resolve`` passes those of ``acked`` resolutions only); a
 # ``rejected`` or ``failed`` resolution also leaves its reason. Returns the events not updated,
 # normally none: ``OutboxStore.resolve`` applies their resolutions again one subscriber at a
 # time, to tell which of them won.
