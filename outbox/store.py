@@ -93,9 +93,8 @@ class ResolutionRow(NamedTuple):
     state: str
     reason: str | None
     records: Sequence[str] = ()
-    # Never stored: the writer hands them back to its caller after the commit.
-    events: Sequence[Any] = ()
-    owner: Any = None
+    # Never stored: whose trigger events these are, for the writer's ``on_resolved``.
+    owner: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
