@@ -26,10 +26,10 @@ from outbox.core import backoff_delay, canonical_json, contiguous_resolved_prefi
 from outbox.errors import ConfigurationError
 from outbox.interop import adapt_producer
 from outbox.protocol import AdvanceItem, AdvanceOutcome, SharedStreamProducer
+from outbox.store import AdvancedBatch
 from outbox.writer import error_line, is_transient
 
 if TYPE_CHECKING:
-    from outbox.core import LaneEvent
     from outbox.metrics import CommitterMetrics
     from outbox.store import LaneLease, OutboxStore, ReadyLane
 
@@ -204,7 +204,7 @@ class LaneCommitter:
         """One pass over the lanes that are ready; returns how many events it advanced.
 
         Every ready lane's resolved prefix comes in one read; each lane is advanced in turn;
-        the cursors of the lanes advanced move together in one transaction at the end of the
+        the cursors of the lanes advanced move together in one statement at the end of the
         pass (sooner when the pass runs long, well within the leases; and before an error
         ends the pass, so that what went out is not sent again).
         """
@@ -228,7 +228,7 @@ class LaneCommitter:
                 self._more_ready = True  # the read was cut short
             loop = asyncio.get_running_loop()
             move_by = loop.time() + self.lease_seconds / 4
-            advanced: list[tuple[LaneLease, list[LaneEvent]]] = []
+            advanced: list[AdvancedBatch] = []
             moved = 0
             try:
                 for lane in ready:
@@ -359,7 +359,7 @@ class LaneCommitter:
             self._leases[lane_id] = (lease, now + self.lease_seconds / 2)
         return lease
 
-    async def _advance_lane(self, lane: ReadyLane) -> tuple[LaneLease, list[LaneEvent]] | None:
+    async def _advance_lane(self, lane: ReadyLane) -> AdvancedBatch | None:
         """Advance the lane's resolved prefix on the broker; the lease and the events advanced,
         for their cursor move, or ``None`` when nothing was advanced."""
         lease = await self._lease(lane.lane_id)
@@ -404,15 +404,15 @@ class LaneCommitter:
             return None
         if self.metrics is not None:
             self.metrics.advanced([item.outcome for item in batch], time.perf_counter() - started)
-        return lease, prefix
+        return AdvancedBatch(lease, lane.rewrites, prefix)
 
-    async def _move_cursors(self, advanced: list[tuple[LaneLease, list[LaneEvent]]]) -> int:
+    async def _move_cursors(self, advanced: list[AdvancedBatch]) -> int:
         """Move the cursors over what was advanced; how many events they moved over."""
         if not advanced:
             return 0
         moved = await self._store.move_cursors(self.owner, advanced)
         total = 0
-        for lease, prefix in advanced:
+        for lease, _, prefix in advanced:
             if lease.lane_id not in moved:
                 self._leases.pop(lease.lane_id, None)
                 self._more_ready = True

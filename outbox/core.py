@@ -189,8 +189,6 @@ class LaneEvent(NamedTuple):
     failed: int
     rejected: int
     payload: Any
-    version: str = ""
-    """The row version read; moving the cursor checks it is still the current one."""
 
 
 def contiguous_resolved_prefix(

@@ -72,6 +72,13 @@ lane = Table(
     Column("last_error", Text),
     Column("stalled_since", DateTime(timezone=True)),
     Column("retry_at", DateTime(timezone=True)),
+    Column(
+        "rewrites",
+        BigInteger,
+        nullable=False,
+        server_default=text("0"),
+        comment="redeliveries that changed one of the lane's events (a cursor move checks it)",
+    ),
     UniqueConstraint("stream_id", "lane_key"),
     CheckConstraint("advanced_through < next_position", name="cursor_behind_allocation"),
 )

@@ -1,13 +1,14 @@
-"""Group commit: many recordings and resolutions in one transaction, each still atomic.
+"""Group commit: many recordings and resolutions per statement, each still atomic.
 
 Work is submitted without waiting. Two queues, each with its own task, commit concurrently: one
 records new events, the other stores resolutions (and fast-path trigger events), so that recording
 the next events never waits behind a large batch of resolutions. Each task takes everything queued
-(up to ``max_batch`` items), commits it in one transaction, then runs each item's callback in
-submission order; while a transaction is in flight the next batch gathers, so the batch size
-follows the load. A large batch of resolutions is cut by event into up to ``parallel``
-transactions committed concurrently (Postgres then works on them on several cores); an item still
-commits in exactly one transaction.
+(up to ``max_batch`` items), commits it, then runs each item's callback in submission order; while
+a batch is in flight the next one gathers, so the batch size follows the load. A batch whose writes
+are each a single statement (resolutions; events without identities) runs outside a transaction
+block, one statement per write kind; any other commits as one transaction. A large batch of
+resolutions is cut by event into up to ``parallel`` transactions committed concurrently (Postgres
+then works on them on several cores); an item still commits in exactly one transaction.
 """
 
 from __future__ import annotations
@@ -269,14 +270,17 @@ class Writer:
             parts[group_of[row.event_id] if row is not None else 0].append(i)
         return [part for part in parts if part]
 
-    async def _commit_with_retry(self, batch: list[_Queued]) -> list[Any]:
-        """Commit ``batch``; the result of each item, or the exception that failed it."""
+    async def _commit_with_retry(
+        self, batch: list[_Queued], *, after_failure: bool = False
+    ) -> list[Any]:
+        """Commit ``batch``; the result of each item, or the exception that failed it.
+        ``after_failure``: an earlier attempt at these items failed (and may have stored some)."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         attempts = 0
         while True:
             try:
-                return await self._commit(batch, after_failure=attempts > 0)
+                return await self._commit(batch, after_failure=after_failure or attempts > 0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -291,10 +295,11 @@ class Writer:
                     await asyncio.sleep(delay)
                     continue
                 if len(batch) > 1 and not transient:
-                    # Isolate the item the database refuses; the others commit.
+                    # Isolate the item the database refuses; the others commit. (Some may have
+                    # committed already, on their own: the halves check what they find stored.)
                     middle = len(batch) // 2
-                    first = await self._commit_with_retry(batch[:middle])
-                    return first + await self._commit_with_retry(batch[middle:])
+                    first = await self._commit_with_retry(batch[:middle], after_failure=True)
+                    return first + await self._commit_with_retry(batch[middle:], after_failure=True)
                 if transient:
                     exc = unavailable(self._store, exc, elapsed, self._outage_limit)
                 log.error("outbox write failed: %s", exc)
@@ -328,7 +333,15 @@ class Writer:
         lost: set[int] = set()  # indexes in ``resolutions``
         if events or resolutions or unbound:
             lanes_may_be_ready = bool(resolutions)
-            async with self._store.engine.begin() as conn:
+            # A batch of one kind whose writes are each one statement (resolutions; events
+            # without identities) runs outside a transaction block: each write commits on its
+            # own, and the batch costs one round trip instead of three. Anything else, and any
+            # mix, commits as one transaction.
+            each_alone = not unbound and (
+                not events if resolutions else all(event.identity is None for event in events)
+            )
+            connection = self._store.autocommit() if each_alone else self._store.engine.begin()
+            async with connection as conn:
                 if events and await self._store.record_events(conn, events):
                     lanes_may_be_ready = True
                 if resolutions:

@@ -1,10 +1,11 @@
 """The committer's cursor move against a redelivery that changes an event it is advancing.
 
-The move takes the lane's row lock and compares the advanced event versions in a statement
-that starts after it holds the lock; a redelivery locks the lane before it changes an event.
-So a refreshed payload (an SQS receipt handle, say) or a re-opened event always makes the batch
-go out again, whether the redelivery committed during the advance or was still open when the
-move came.
+A redelivery locks the lane before it changes an event, and counts the change in the lane's
+``rewrites``; the move is one update of the lane row that requires ``rewrites`` to be what the
+committer read with the events (checked again on the row a redelivery left, if one held it). So
+a refreshed payload (an SQS receipt handle, say) or a re-opened event always makes the batch go
+out again, whether the redelivery committed during the advance or was still open when the move
+came.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ async def _move_waits_on_a_lock(store: OutboxStore) -> bool:
         waiting = await conn.scalar(
             sa.text(
                 "SELECT count(*) FROM pg_stat_activity "
-                "WHERE wait_event_type = 'Lock' AND query LIKE '%FOR NO KEY UPDATE%'"
+                "WHERE wait_event_type = 'Lock' AND query LIKE '%SET advanced_through%'"
             )
         )
     return bool(waiting)
