@@ -85,6 +85,8 @@ def open_airflow_reject_window(
     """If Airflow's shared-stream module is loaded, point its reject context at ``reject`` and
     return the function that clears it; else ``None``."""
     module = sys.modules.get("airflow.triggers.shared_stream")
+    if module is None:  # the common case, once per event and subscriber: nothing to look up
+        return None
     context: contextvars.ContextVar[Any] | None = getattr(module, "_reject_context", None)
     factory = getattr(module, "_RejectContext", None)
     if context is None or factory is None:
