@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -552,10 +553,10 @@ def _paired_ratios(
     """Each outbox run against the baseline runs of its own repetition (a cell's
     implementations run back to back), median of those ratios: steadier than a ratio of
     medians on a machine whose speed drifts during a pass."""
-    by_rep: dict[tuple[int, int, int], dict[str, float]] = {}
+    by_rep: dict[tuple[int, int, str, int], dict[str, float]] = {}
     for r in results:
         if r.get("ok") and "rep" in r:
-            key = (r["lanes"], r["subscribers"], r["rep"])
+            key = (r["lanes"], r["subscribers"], r.get("invocation", ""), r["rep"])
             by_rep.setdefault(key, {})[r["impl"]] = r["events_per_s"]
     lines = _table_head(
         "paired by repetition (median of per-repetition ratios):",
@@ -563,7 +564,7 @@ def _paired_ratios(
     )
     for lanes in args.lanes:
         for subs in args.subscribers:
-            reps = [v for (ln, sb, _), v in sorted(by_rep.items()) if (ln, sb) == (lanes, subs)]
+            reps = [v for (ln, sb, _, _), v in sorted(by_rep.items()) if (ln, sb) == (lanes, subs)]
             cells = []
             for other in others:
                 ratios = [v["outbox"] / v[other] for v in reps if "outbox" in v and v.get(other)]
@@ -583,6 +584,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         postmaster = find_postmaster(url)
         if postmaster is not None:
             os.environ["BENCH_PG_POSTMASTER"] = str(postmaster)
+        invocation = uuid.uuid4().hex[:8]  # pairs runs of one invocation only (--summarise)
         for rep in range(args.repeat):
             for lanes in args.lanes:
                 for subs in args.subscribers:
@@ -591,6 +593,7 @@ def orchestrate(args: argparse.Namespace) -> int:
                             continue
                         r = run_measured(impl, subs, lanes, args)
                         r["rep"] = rep
+                        r["invocation"] = invocation
                         print(f"rep {rep} {fmt(r)}", flush=True)
                         results.append(r)
     table, clean = summarise(results, args)
