@@ -295,11 +295,15 @@ class Writer:
                     await asyncio.sleep(delay)
                     continue
                 if len(batch) > 1 and not transient:
-                    # Isolate the item the database refuses; the others commit. (Some may have
-                    # committed already, on their own: the halves check what they find stored.)
+                    # Isolate the item the database refuses; the others commit. (Written one
+                    # statement at a time, some may have committed already: the halves then
+                    # check what they find stored.)
                     middle = len(batch) // 2
-                    first = await self._commit_with_retry(batch[:middle], after_failure=True)
-                    return first + await self._commit_with_retry(batch[middle:], after_failure=True)
+                    partial = _each_alone(batch)
+                    first = await self._commit_with_retry(batch[:middle], after_failure=partial)
+                    return first + await self._commit_with_retry(
+                        batch[middle:], after_failure=partial
+                    )
                 if transient:
                     exc = unavailable(self._store, exc, elapsed, self._outage_limit)
                 log.error("outbox write failed: %s", exc)
@@ -333,14 +337,9 @@ class Writer:
         lost: set[int] = set()  # indexes in ``resolutions``
         if events or resolutions or unbound:
             lanes_may_be_ready = bool(resolutions)
-            # A batch of one kind whose writes are each one statement (resolutions; events
-            # without identities) runs outside a transaction block: each write commits on its
-            # own, and the batch costs one round trip instead of three. Anything else, and any
-            # mix, commits as one transaction.
-            each_alone = not unbound and (
-                not events if resolutions else all(event.identity is None for event in events)
+            connection = (
+                self._store.autocommit() if _each_alone(batch) else self._store.engine.begin()
             )
-            connection = self._store.autocommit() if each_alone else self._store.engine.begin()
             async with connection as conn:
                 if events and await self._store.record_events(conn, events):
                     lanes_may_be_ready = True
@@ -381,6 +380,27 @@ class Writer:
             if (r.event_id, r.subscriber, r.state) in stored:
                 lost.discard(i)
         return lost
+
+
+def _each_alone(batch: Sequence[_Queued]) -> bool:
+    """Whether ``batch`` is of one kind whose writes are each one statement (resolutions; events
+    without identities): it then runs outside a transaction block, each write committing on its
+    own, one round trip instead of three. Anything else, and any mix, commits as one
+    transaction."""
+    resolutions = events = False
+    for item in batch:
+        if isinstance(item, _Item):
+            if item.kind == "unbound":
+                return False
+            if item.kind == "events":
+                if any(event.identity is not None for event in item.value):
+                    return False
+                events = True
+            elif item.kind == "resolution":
+                resolutions = True
+        else:
+            resolutions = True
+    return not (resolutions and events)
 
 
 def _resolution_of(item: _Queued) -> ResolutionRow | None:
