@@ -328,8 +328,8 @@ _RESOLVE = sa.text(
     f"""
     WITH wanted AS (
         SELECT * FROM unnest({_int_array("event_ids")}, {_text_array("subscribers")},
-                             {_text_array("states")}, {_text_array("reasons")})
-             AS r(event_id, subscriber, state, reason)
+                             string_to_array(:states, ','), {_text_array("reasons")})
+             WITH ORDINALITY AS r(event_id, subscriber, state, reason, resolution)
     ),
     per_event AS (
         SELECT event_id, array_agg(subscriber) AS subscribers,
@@ -346,7 +346,7 @@ _RESOLVE = sa.text(
             pending = e.pending - p.n, resolved_at = CASE WHEN e.pending = p.n THEN now() END
         FROM per_event AS p
         WHERE e.id = p.event_id AND p.n = p.subscribers_n AND NOT e.resolved && p.subscribers
-        RETURNING e.id, e.pending, e.lane_id
+        RETURNING e.id, e.pending, e.lane_id, e.stream_id
     ),
     unacked AS (
         INSERT INTO outbox_unacked (event_id, subscriber, state, reason)
@@ -356,13 +356,14 @@ _RESOLVE = sa.text(
     ),
     stored AS (
         INSERT INTO outbox_record (stream_id, event_id, subscriber, ordinal, payload)
-        SELECT x.stream_id, x.event_id, x.subscriber, x.ordinal, x.payload
-        FROM unnest({_int_array("rec_stream_ids")}, {_int_array("rec_event_ids")},
-                    {_text_array("rec_subscribers")}, {_int_array("rec_ordinals", "int")},
+        SELECT u.stream_id, w.event_id, w.subscriber, x.ordinal, x.payload
+        FROM unnest({_int_array("rec_resolutions")}, {_int_array("rec_ordinals", "int")},
                     ARRAY(SELECT p FROM jsonb_array_elements(CAST(:rec_payloads AS jsonb))
                           WITH ORDINALITY AS a(p, i) ORDER BY i))
-             AS x(stream_id, event_id, subscriber, ordinal, payload)
-        WHERE x.event_id IN (SELECT id FROM updated)
+             AS x(resolution, ordinal, payload)
+        JOIN wanted AS w ON w.resolution = x.resolution
+        JOIN updated AS u ON u.id = w.event_id
+        ORDER BY x.resolution, x.ordinal
         RETURNING stream_id
     ),
     lanes_notified AS (
@@ -947,18 +948,16 @@ class OutboxStore:
     async def _resolve(conn: AsyncConnection, resolutions: Sequence[ResolutionRow]) -> set[int]:
         """Apply ``resolutions``; return the events whose resolutions were not applied, none of
         them, because one of their subscribers had resolved that event already."""
-        rec_stream_ids: list[int] = []
-        rec_event_ids: list[int] = []
-        rec_subscribers: list[str] = []
+        # Each trigger event names its resolution by position (1-based): its event, subscriber
+        # and stream come from there.
+        rec_resolutions: list[int] = []
         rec_ordinals: list[int] = []
         rec_payloads: list[str] = []
-        for r in resolutions:
+        for position, r in enumerate(resolutions, 1):
             if r.state != "acked":
                 continue  # trigger events are stored with an acked resolution only
             for ordinal, payload in enumerate(r.records):
-                rec_stream_ids.append(r.stream_id)
-                rec_event_ids.append(r.event_id)
-                rec_subscribers.append(r.subscriber)
+                rec_resolutions.append(position)
                 rec_ordinals.append(ordinal)
                 rec_payloads.append(payload)
         rows = await conn.execute(
@@ -966,11 +965,9 @@ class OutboxStore:
             {
                 "event_ids": _ints(r.event_id for r in resolutions),
                 "subscribers": _texts([r.subscriber for r in resolutions]),
-                "states": _texts([r.state for r in resolutions]),
+                "states": ",".join([r.state for r in resolutions]),  # no commas in a state
                 "reasons": _texts([r.reason for r in resolutions]),
-                "rec_stream_ids": _ints(rec_stream_ids),
-                "rec_event_ids": _ints(rec_event_ids),
-                "rec_subscribers": _texts(rec_subscribers),
+                "rec_resolutions": _ints(rec_resolutions),
                 "rec_ordinals": _ints(rec_ordinals),
                 "rec_payloads": _json_array(rec_payloads),
             },
