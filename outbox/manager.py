@@ -32,12 +32,14 @@ from outbox.core import (
 from outbox.errors import StreamTerminated
 from outbox.interop import adapt_producer, open_airflow_reject_window
 from outbox.protocol import AckTimeout, SharedStreamProducer, _Binding, _current_binding, to_json
-from outbox.store import EventToRecord, OutboxStore, ResolutionRow
+from outbox.store import OWNER, RECORDS, EventToRecord, OutboxStore
 from outbox.triggers import ShareableTrigger, TriggerEvent, is_ack_mode
 from outbox.writer import Writer
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Coroutine, Hashable, Sequence
+
+    from outbox.store import Resolution
 
 __all__ = ("SharedStreamManager", "SubscriberOverflow")
 
@@ -815,10 +817,10 @@ class SharedStreamManager:
             lambda result: self._hand_over(subscriber, (trigger_event,), result),
         )
 
-    def _deliver(self, resolution: ResolutionRow, result: Any) -> None:
+    def _deliver(self, resolution: Resolution, result: Any) -> None:
         """The writer's report on a resolution with trigger events: hand them to their
         subscriber if it won, or end its stream if the write failed."""
-        owner = resolution.owner
+        owner = resolution[OWNER]
         subscriber = self._owners.get(owner) if owner is not None else None
         if subscriber is None:
             return  # its output ended already
@@ -827,11 +829,11 @@ class SharedStreamManager:
             uncommitted.clear()
             self._end(subscriber, result)
         elif result is False:
-            for _ in resolution.records:
+            for _ in resolution[RECORDS]:
                 uncommitted.popleft()
         else:
             emit = subscriber.emit
-            for _ in resolution.records:
+            for _ in resolution[RECORDS]:
                 emit(uncommitted.popleft())
 
     def _end(self, subscriber: _Subscriber, error: BaseException | None) -> None:
@@ -867,8 +869,9 @@ class SharedStreamManager:
             del stream.outstanding[event_id]
         if events and records:  # one JSON record per trigger event
             subscriber.uncommitted.extend(events)
+            # A plain tuple (see ``outbox.store.Resolution``), fields as in ``ResolutionRow``.
             self._writer.resolve(
-                ResolutionRow(
+                (
                     stream.stream_id,
                     event_id,
                     subscriber.name,
@@ -880,12 +883,12 @@ class SharedStreamManager:
             )
         else:
             self._writer.resolve(
-                ResolutionRow(stream.stream_id, event_id, subscriber.name, state, reason)
+                (stream.stream_id, event_id, subscriber.name, state, reason, (), None)
             )
 
     def _write_failure(self, stream: _Stream, name: str, event_id: int, reason: str) -> None:
         """Fail ``name``'s delivery of an event it will never be handed (or never finish)."""
-        self._writer.resolve(ResolutionRow(stream.stream_id, event_id, name, FAILED, reason))
+        self._writer.resolve((stream.stream_id, event_id, name, FAILED, reason, (), None))
 
     def _overflowed(self, stream: _Stream, subscriber: _Subscriber) -> bool:
         """With ``overflow="fail"``, fail a subscriber whose queue is full (Airflow's rule)."""

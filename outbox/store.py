@@ -13,7 +13,7 @@ import json.scanner
 import re
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, Self
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Self, TypeAlias
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
@@ -85,8 +85,7 @@ class EventToRecord:
 
 
 class ResolutionRow(NamedTuple):
-    """One subscriber's resolution of one event, with the trigger events it derived (a tuple:
-    one is made per resolution on the hot path)."""
+    """One subscriber's resolution of one event, with the trigger events it derived."""
 
     stream_id: int
     event_id: int
@@ -96,6 +95,23 @@ class ResolutionRow(NamedTuple):
     records: Sequence[str] = ()
     # Never stored: whose trigger events these are, for the writer's ``on_resolved``.
     owner: int | None = None
+
+
+# A resolution as the store and the writer take it: a ``ResolutionRow``, or a plain tuple of the
+# same seven fields, which is what the manager queues. The cyclic garbage collector stops tracking
+# a plain tuple once it has seen that it holds only numbers, strings and such tuples (never a
+# ``NamedTuple``): the thousands of resolutions waiting for their commit at any time are then not
+# visited again by each collection, and do not push the oldest generation into full collections
+# (they were two fifths of what reached it).
+Resolution: TypeAlias = "tuple[int, int, str, str, str | None, Sequence[str], int | None]"
+# Its fields by position.
+STREAM_ID: Final = 0
+EVENT_ID: Final = 1
+SUBSCRIBER: Final = 2
+STATE: Final = 3
+REASON: Final = 4
+RECORDS: Final = 5
+OWNER: Final = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -917,9 +933,7 @@ class OutboxStore:
             )
         return prior
 
-    async def resolve(
-        self, conn: AsyncConnection, resolutions: Sequence[ResolutionRow]
-    ) -> set[int]:
+    async def resolve(self, conn: AsyncConnection, resolutions: Sequence[Resolution]) -> set[int]:
         """Store resolutions, first one wins; return the indexes (in ``resolutions``) of those
         that lost to an earlier one (stored before, or earlier in ``resolutions``). Trigger
         events are stored only with an ``acked`` resolution that won."""
@@ -934,18 +948,18 @@ class OutboxStore:
         rounds: list[list[int]] = []
         seen: dict[int, int] = {}
         for i, r in enumerate(resolutions):
-            if r.event_id in conflicted:
-                n = seen[r.event_id] = seen.get(r.event_id, -1) + 1
+            if r[EVENT_ID] in conflicted:
+                n = seen[r[EVENT_ID]] = seen.get(r[EVENT_ID], -1) + 1
                 if n == len(rounds):
                     rounds.append([])
                 rounds[n].append(i)
         for one_per_event in rounds:
             refused = await self._resolve(conn, [resolutions[i] for i in one_per_event])
-            lost.update(i for i in one_per_event if resolutions[i].event_id in refused)
+            lost.update(i for i in one_per_event if resolutions[i][EVENT_ID] in refused)
         return lost
 
     @staticmethod
-    async def _resolve(conn: AsyncConnection, resolutions: Sequence[ResolutionRow]) -> set[int]:
+    async def _resolve(conn: AsyncConnection, resolutions: Sequence[Resolution]) -> set[int]:
         """Apply ``resolutions``; return the events whose resolutions were not applied, none of
         them, because one of their subscribers had resolved that event already."""
         # Each trigger event names its resolution by position (1-based): its event, subscriber
@@ -953,20 +967,20 @@ class OutboxStore:
         rec_resolutions: list[int] = []
         rec_ordinals: list[int] = []
         rec_payloads: list[str] = []
-        for position, r in enumerate(resolutions, 1):
-            if r.state != "acked":
+        for position, (_, _, _, state, _, records, _) in enumerate(resolutions, 1):
+            if state != "acked":
                 continue  # trigger events are stored with an acked resolution only
-            for ordinal, payload in enumerate(r.records):
+            for ordinal, payload in enumerate(records):
                 rec_resolutions.append(position)
                 rec_ordinals.append(ordinal)
                 rec_payloads.append(payload)
         rows = await conn.execute(
             _RESOLVE,
             {
-                "event_ids": _ints(r.event_id for r in resolutions),
-                "subscribers": _texts([r.subscriber for r in resolutions]),
-                "states": ",".join([r.state for r in resolutions]),  # no commas in a state
-                "reasons": _texts([r.reason for r in resolutions]),
+                "event_ids": _ints(r[EVENT_ID] for r in resolutions),
+                "subscribers": _texts([r[SUBSCRIBER] for r in resolutions]),
+                "states": ",".join([r[STATE] for r in resolutions]),  # no commas in a state
+                "reasons": _texts([r[REASON] for r in resolutions]),
                 "rec_resolutions": _ints(rec_resolutions),
                 "rec_ordinals": _ints(rec_ordinals),
                 "rec_payloads": _json_array(rec_payloads),
@@ -975,7 +989,7 @@ class OutboxStore:
         return {row[0] for row in rows if row[0] is not None}
 
     async def resolved_as(
-        self, conn: AsyncConnection, resolutions: Sequence[ResolutionRow]
+        self, conn: AsyncConnection, resolutions: Sequence[Resolution]
     ) -> set[tuple[int, str, str]]:
         """The ``(event_id, subscriber, state)`` of ``resolutions`` whose delivery is stored in
         that state: after a commit whose outcome was lost with the connection, these are the
@@ -985,9 +999,9 @@ class OutboxStore:
         rows = await conn.execute(
             _RESOLVED_AS,
             {
-                "event_ids": _ints(r.event_id for r in resolutions),
-                "subscribers": _texts([r.subscriber for r in resolutions]),
-                "states": _texts([r.state for r in resolutions]),
+                "event_ids": _ints(r[EVENT_ID] for r in resolutions),
+                "subscribers": _texts([r[SUBSCRIBER] for r in resolutions]),
+                "states": _texts([r[STATE] for r in resolutions]),
             },
         )
         return {(row[0], row[1], row[2]) for row in rows}

@@ -19,18 +19,18 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
 from outbox.core import backoff_delay
 from outbox.errors import DatabaseUnavailable
-from outbox.store import ResolutionRow
+from outbox.store import EVENT_ID, OWNER, STATE, SUBSCRIBER
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
 
-    from outbox.store import EventToRecord, OutboxStore
+    from outbox.store import EventToRecord, OutboxStore, Resolution
 
 __all__ = ("Writer", "error_line", "is_transient")
 
@@ -87,7 +87,7 @@ class _Item:
 
 # A resolution without a callback of its own is queued as itself: the hot path makes no item,
 # closure or bound method per resolution (``on_resolved`` is told of those with an ``owner``).
-_Queued = _Item | ResolutionRow
+_Queued: TypeAlias = "_Item | Resolution"
 
 
 class _Queue:
@@ -111,7 +111,7 @@ class Writer:
         max_batch: int = 4000,
         outage_limit: float = 60.0,
         on_commit: Callable[[], None] | None = None,
-        on_resolved: Callable[[ResolutionRow, Any], None] | None = None,
+        on_resolved: Callable[[Resolution, Any], None] | None = None,
         parallel: int = 2,
         min_split: int = 500,
     ) -> None:
@@ -178,7 +178,7 @@ class Writer:
         """Record ``events``; ``callback(events or exception)`` runs after the commit."""
         self._submit(self._recording, _Item("events", events, callback))
 
-    def resolve(self, resolution: ResolutionRow, callback: Callback | None = None) -> None:
+    def resolve(self, resolution: Resolution, callback: Callback | None = None) -> None:
         """Store ``resolution``; after the commit, ``callback(result)`` runs, or else
         ``on_resolved(resolution, result)`` if the resolution has an ``owner``. The result is
         True if it won, False if an earlier resolution of the same delivery won, or an
@@ -259,7 +259,7 @@ class Writer:
         per_event: dict[int, int] = {}
         for row in rows:
             if row is not None:
-                per_event[row.event_id] = per_event.get(row.event_id, 0) + 1
+                per_event[row[EVENT_ID]] = per_event.get(row[EVENT_ID], 0) + 1
         group_of: dict[int, int] = {}
         seen = 0
         for event_id in sorted(per_event):
@@ -267,7 +267,7 @@ class Writer:
             seen += per_event[event_id]
         parts: list[list[int]] = [[] for _ in range(groups)]
         for i, row in enumerate(rows):
-            parts[group_of[row.event_id] if row is not None else 0].append(i)
+            parts[group_of[row[EVENT_ID]] if row is not None else 0].append(i)
         return [part for part in parts if part]
 
     async def _commit_with_retry(
@@ -313,8 +313,8 @@ class Writer:
         on_resolved = self._on_resolved
         for item, result in zip(batch, results, strict=True):
             try:
-                if type(item) is ResolutionRow:
-                    if item.owner is not None and on_resolved is not None:
+                if not isinstance(item, _Item):
+                    if item[OWNER] is not None and on_resolved is not None:
                         on_resolved(item, result)
                 elif isinstance(item, _Item) and item.callback is not None:
                     item.callback(result)
@@ -323,7 +323,7 @@ class Writer:
 
     async def _commit(self, batch: list[_Queued], *, after_failure: bool = False) -> list[Any]:
         events: list[EventToRecord] = []
-        resolutions: list[ResolutionRow] = []
+        resolutions: list[Resolution] = []
         unbound: list[tuple[int, str, str]] = []
         rows = [_resolution_of(item) for item in batch]
         for item, row in zip(batch, rows, strict=True):
@@ -365,7 +365,7 @@ class Writer:
         return results
 
     async def _won_before(
-        self, conn: AsyncConnection, resolutions: list[ResolutionRow], lost: set[int]
+        self, conn: AsyncConnection, resolutions: list[Resolution], lost: set[int]
     ) -> set[int]:
         """``lost`` without the resolutions that the failed attempt stored: that attempt may
         have committed before its connection broke, and a delivery stored in the very state
@@ -373,11 +373,11 @@ class Writer:
         stored = await self._store.resolved_as(conn, [resolutions[i] for i in sorted(lost)])
         firsts: set[tuple[int, str]] = set()
         for i, r in enumerate(resolutions):
-            key = (r.event_id, r.subscriber)
+            key = (r[EVENT_ID], r[SUBSCRIBER])
             if key in firsts:
                 continue  # a later one of a delivery never wins over the batch's first
             firsts.add(key)
-            if (r.event_id, r.subscriber, r.state) in stored:
+            if (r[EVENT_ID], r[SUBSCRIBER], r[STATE]) in stored:
                 lost.discard(i)
         return lost
 
@@ -403,7 +403,7 @@ def _each_alone(batch: Sequence[_Queued]) -> bool:
     return not (resolutions and events)
 
 
-def _resolution_of(item: _Queued) -> ResolutionRow | None:
+def _resolution_of(item: _Queued) -> Resolution | None:
     if isinstance(item, _Item):
         return item.value if item.kind == "resolution" else None
     return item
