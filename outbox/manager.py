@@ -107,14 +107,6 @@ class _RawQueue:
         return item
 
 
-@dataclass(slots=True)
-class _Outstanding:
-    """An event fanned out by this manager that some of its subscribers still owe."""
-
-    created_at: float
-    pending: set[str]
-
-
 @dataclass(slots=True, eq=False)
 class _Subscriber:
     trigger_id: Any
@@ -168,7 +160,11 @@ class _Stream:
     subscribers: dict[str, _Subscriber] = field(default_factory=dict)
     # Who an event recorded now goes to; reset whenever a subscriber joins, leaves or fails.
     snapshot: tuple[str, ...] | None = None
-    outstanding: dict[int, _Outstanding] = field(default_factory=dict)
+    # Events fanned out by this manager that some of its subscribers still owe: the names of
+    # those subscribers (a dict used as a set: holding only strings and None, it is never tracked
+    # by the cyclic GC, which a set always is), and when each event was broadcast.
+    outstanding: dict[int, dict[str, None]] = field(default_factory=dict)
+    broadcast_at: dict[int, float] = field(default_factory=dict)
     lane_ids: dict[str, int] = field(default_factory=dict)
     lane_cache: dict[tuple[type, Any], int] = field(default_factory=dict)
     stream_id: int = 0
@@ -452,10 +448,11 @@ class SharedStreamManager:
         # Nothing this stream fanned out will be finished: fail what is still owed, so the
         # broker redelivers it and the lanes (which a fresh stream for the key continues) move.
         reason = f"stream failed: {type(error).__name__}: {error}"
-        for event_id, entry in list(stream.outstanding.items()):
-            for name in sorted(entry.pending):
+        for event_id, owed in list(stream.outstanding.items()):
+            for name in sorted(owed):
                 self._write_failure(stream, name, event_id, reason[:500])
         stream.outstanding.clear()
+        stream.broadcast_at.clear()
 
     async def _finish_stream(self, stream: _Stream, source: AsyncIterator[Any] | None) -> None:
         stream.stopping = True
@@ -627,12 +624,10 @@ class SharedStreamManager:
             if not event.deliver_to:
                 continue
             # A redelivered identity may reuse an occurrence this stream still tracks.
-            entry = stream.outstanding.get(event.event_id)
-            if entry is None:
-                entry = _Outstanding(created_at=now, pending=set())
-                stream.outstanding[event.event_id] = entry
-            else:
-                entry.created_at = now
+            owed = stream.outstanding.get(event.event_id)
+            if owed is None:
+                owed = stream.outstanding[event.event_id] = {}
+            stream.broadcast_at[event.event_id] = now
             # The whole snapshot is pending before anyone is handed the event, so that one
             # subscriber overflowing on it cannot empty (and drop) the entry the others owe.
             targets: list[_Subscriber] = []
@@ -646,15 +641,21 @@ class SharedStreamManager:
                     )
                     self._write_failure(stream, name, event.event_id, reason)
                     continue
-                entry.pending.add(name)
+                owed[name] = None
                 targets.append(subscriber)
             delivery = (raw, event.event_id)  # one tuple, handed to every subscriber
             for subscriber in targets:
                 if may_overflow and self._overflowed(stream, subscriber):
                     continue
                 subscriber.raw.put(delivery)
-            if not entry.pending:
-                stream.outstanding.pop(event.event_id, None)
+            if not owed:
+                self._settled(stream, event.event_id)
+
+    @staticmethod
+    def _settled(stream: _Stream, event_id: int) -> None:
+        """Nobody here owes ``event_id`` any more."""
+        stream.outstanding.pop(event_id, None)
+        stream.broadcast_at.pop(event_id, None)
 
     async def _fan_out_fast(self, stream: _Stream, raw: Any) -> None:
         for subscriber in list(stream.subscribers.values()):
@@ -861,12 +862,12 @@ class SharedStreamManager:
     ) -> None:
         """Queue ``subscriber``'s resolution of ``event_id`` unless it resolved it already;
         ``events`` (with their JSON ``records``) are handed over once it commits."""
-        entry = stream.outstanding.get(event_id)
-        if entry is None or subscriber.name not in entry.pending:
+        owed = stream.outstanding.get(event_id)
+        if owed is None or subscriber.name not in owed:
             return
-        entry.pending.discard(subscriber.name)
-        if not entry.pending:
-            del stream.outstanding[event_id]
+        del owed[subscriber.name]
+        if not owed:
+            self._settled(stream, event_id)
         if events and records:  # one JSON record per trigger event
             subscriber.uncommitted.extend(events)
             # A plain tuple (see ``outbox.store.Resolution``), fields as in ``ResolutionRow``.
@@ -914,7 +915,7 @@ class SharedStreamManager:
         subscriber.raw.fail(error)
         subscriber.window_events.clear()
         subscriber.window_records.clear()
-        for event_id in [e for e, o in stream.outstanding.items() if subscriber.name in o.pending]:
+        for event_id in [e for e, owed in stream.outstanding.items() if subscriber.name in owed]:
             self._resolve(stream, subscriber, event_id, FAILED, reason)
         stream.resume.set()
 
@@ -923,7 +924,7 @@ class SharedStreamManager:
             subscriber.task.cancel()
         if classify and stream.ack_mode:
             for event_id in [
-                e for e, o in stream.outstanding.items() if subscriber.name in o.pending
+                e for e, owed in stream.outstanding.items() if subscriber.name in owed
             ]:
                 if event_id == subscriber.window:
                     self._close_window(stream, subscriber)
@@ -940,13 +941,13 @@ class SharedStreamManager:
         while True:
             await asyncio.sleep(cadence)
             now = self._now()
-            for event_id, entry in list(stream.outstanding.items()):
-                if not is_expired(now, entry.created_at, self.ack_timeout):
+            for event_id, owed in list(stream.outstanding.items()):
+                if not is_expired(now, stream.broadcast_at[event_id], self.ack_timeout):
                     continue
-                for name in list(entry.pending):
+                for name in list(owed):
                     subscriber = stream.subscribers.get(name)
                     if subscriber is None or subscriber.failed:
-                        entry.pending.discard(name)
+                        owed.pop(name, None)
                         self._write_failure(stream, name, event_id, "ack timeout")
                         continue
                     log.warning(
@@ -963,8 +964,8 @@ class SharedStreamManager:
                         ),
                         "ack timeout",
                     )
-                if not entry.pending:
-                    stream.outstanding.pop(event_id, None)
+                if not owed:
+                    self._settled(stream, event_id)
 
     # -- in-process committer -----------------------------------------------------------------
 
