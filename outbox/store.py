@@ -475,16 +475,23 @@ _TAKE_LEASE = sa.text(
 # still where it was read, and no redelivery changed one of its events since (``rewrites``, which
 # such a redelivery counts up while it holds the lane's row lock). One statement, run on its own
 # (no BEGIN, no COMMIT): a redelivery holding the row makes it wait, and the lane's conditions are
-# then checked again on the row that redelivery left.
+# then checked again on the row that redelivery left. The lanes are locked in id order first, as
+# a recording locks them: an update alone locks them in whatever order its plan scans them, and
+# deadlocked with recordings of several lanes (a second's stall until Postgres broke it).
 _MOVE_CURSORS = sa.text(
     """
+    WITH locked AS (
+        SELECT id FROM outbox_lane WHERE id = ANY(CAST(:lane_ids AS bigint[]))
+        ORDER BY id FOR NO KEY UPDATE
+    )
     UPDATE outbox_lane AS l
     SET advanced_through = m.through, attempts = 0, last_error = NULL, stalled_since = NULL,
         retry_at = NULL
     FROM unnest(CAST(:lane_ids AS bigint[]), CAST(:tokens AS bigint[]),
                 CAST(:afters AS bigint[]), CAST(:rewrites AS bigint[]),
                 CAST(:throughs AS bigint[])) AS m(lane_id, token, after, rewrites, through)
-    WHERE l.id = m.lane_id AND l.fencing_token = m.token AND l.lease_owner = :owner
+    WHERE l.id = m.lane_id AND l.id IN (SELECT id FROM locked)
+      AND l.fencing_token = m.token AND l.lease_owner = :owner
       AND l.lease_expires_at > now() AND l.advanced_through = m.after
       AND l.rewrites = m.rewrites
     RETURNING l.id

@@ -14,13 +14,14 @@ import asyncio
 import json
 from typing import TYPE_CHECKING, NamedTuple
 
+import pytest
 import sqlalchemy as sa
 
 from outbox import LaneCommitter
 from outbox.core import canonical_json
 from outbox.store import EventToRecord, ResolutionRow
 from tests.polling import eventually
-from tests.test_committer import KEY, Producer
+from tests.test_committer import KEY, Producer, add_events, resolve
 
 if TYPE_CHECKING:
     from outbox import OutboxStore
@@ -174,3 +175,42 @@ async def test_the_timeout_sweep_skips_an_event_a_redelivery_is_reopening(
         ).all()
         pending = await conn.scalar(sa.text("SELECT pending FROM outbox_event"))
     assert (states, pending) == ([], 2)
+
+
+async def test_the_move_locks_its_lanes_in_id_order(store: OutboxStore) -> None:
+    """A recording locks its lanes in id order; the cursor move must too, or the two deadlock
+    (and stall for a second until Postgres breaks the deadlock). Here the lower lane's row sits
+    after the other one in the table, where a plain update would reach it second: while the
+    higher lane is held, the move must already hold the lower one."""
+    ids = await add_events(store, ["a1", "b1", "a2", "b2"], lane_of=lambda p: p[0])
+    lanes = LaneCommitter(store, producers={KEY: Producer()})
+    await resolve(store, ids[:2])
+    assert await lanes.run_once() == 2  # leases taken (and kept for the next pass)
+    await resolve(store, ids[2:])
+    async with store.engine.connect() as conn:
+        low, high = (await conn.execute(sa.text("SELECT id FROM outbox_lane ORDER BY id"))).all()
+        # A new version of the lower lane's row, placed after the higher one's; and plans that
+        # read this small table in place (as they do once it has statistics and dead rows).
+        await conn.execute(
+            sa.text("UPDATE outbox_lane SET attempts = 0 WHERE id = :id"), {"id": low[0]}
+        )
+        database = await conn.scalar(sa.text("SELECT current_database()"))
+        for setting in ("enable_indexscan", "enable_bitmapscan", "enable_nestloop"):
+            await conn.execute(sa.text(f'ALTER DATABASE "{database}" SET {setting} = off'))
+        await conn.commit()
+    await store.engine.dispose()  # new connections, with those settings
+    async with store.engine.connect() as holder:
+        await holder.begin()
+        await holder.execute(
+            sa.text("SELECT id FROM outbox_lane WHERE id = :id FOR UPDATE"), {"id": high[0]}
+        )
+        moving = asyncio.create_task(lanes.run_once())
+        await eventually(lambda: _move_waits_on_a_lock(store), within=10.0)
+        async with store.engine.connect() as probe:
+            with pytest.raises(sa.exc.DBAPIError, match="could not obtain lock"):
+                await probe.execute(
+                    sa.text("SELECT id FROM outbox_lane WHERE id = :id FOR UPDATE NOWAIT"),
+                    {"id": low[0]},
+                )
+        await holder.rollback()
+    assert await moving == 2
