@@ -104,8 +104,7 @@ class ResolutionRow(NamedTuple):
 # visited again by each collection, and do not push the oldest generation into full collections
 # (they were two fifths of what reached it).
 Resolution: TypeAlias = "tuple[int, int, str, str, str | None, Sequence[str], int | None]"
-# Its fields by position.
-STREAM_ID: Final = 0
+# Its fields by position (the first is the stream's id).
 EVENT_ID: Final = 1
 SUBSCRIBER: Final = 2
 STATE: Final = 3
@@ -286,19 +285,21 @@ _READ_PRIOR_OCCURRENCES = sa.text(
 
 # A redelivery that changes a stored event (re-opens it, or refreshes its payload) counts in its
 # lane's ``rewrites``: a committer that read the lane before may have advanced the old version,
-# and must not move the cursor over it (``_MOVE_CURSORS``).
+# and must not move the cursor over it (``_MOVE_CURSORS``). Both statements carry this CTE.
+_COUNT_REWRITE = """
+    counted AS (
+        UPDATE outbox_lane SET rewrites = rewrites + 1
+        WHERE id = (SELECT lane_id FROM outbox_event WHERE id = :event_id)
+    )"""
+
 _REOPEN_OCCURRENCE = sa.text(
-    """
+    f"""
     WITH reopened AS (
         DELETE FROM outbox_unacked
         WHERE event_id = :event_id AND subscriber = ANY(CAST(:reopen AS text[]))
           AND state = 'failed'
         RETURNING subscriber
-    ),
-    counted AS (
-        UPDATE outbox_lane SET rewrites = rewrites + 1
-        WHERE id = (SELECT lane_id FROM outbox_event WHERE id = :event_id)
-    )
+    ),{_COUNT_REWRITE}
     UPDATE outbox_event
     SET payload = CAST(:payload AS jsonb), created_at = now(), resolved_at = NULL,
         snapshot = snapshot || CAST(:added AS jsonb),
@@ -312,11 +313,8 @@ _REOPEN_OCCURRENCE = sa.text(
 )
 
 _REFRESH_PAYLOAD = sa.text(
-    """
-    WITH counted AS (
-        UPDATE outbox_lane SET rewrites = rewrites + 1
-        WHERE id = (SELECT lane_id FROM outbox_event WHERE id = :event_id)
-    )
+    f"""
+    WITH{_COUNT_REWRITE}
     UPDATE outbox_event SET payload = CAST(:payload AS jsonb) WHERE id = :event_id
     """
 )
@@ -689,11 +687,6 @@ class OutboxStore:
 
     # -- schema -------------------------------------------------------------------------
 
-    def autocommit(self) -> AbstractAsyncContextManager[AsyncConnection]:
-        """A connection whose statements each commit on their own: no BEGIN and COMMIT round
-        trips, for work that is one statement (or atomic statement by statement)."""
-        return self._autocommit.connect()
-
     async def check_schema(self) -> None:
         """Raise ``SchemaNotMigrated`` unless the database is at outbox's head revision, or
         ``DatabaseUnavailable`` if it cannot be reached."""
@@ -774,7 +767,13 @@ class OutboxStore:
             ).one()
         return row[0], row[1], dict(row[2])
 
-    # -- the write path (the caller holds the transaction) ---------------------------------
+    # -- the write path (the caller holds the connection: a transaction, or ``autocommit()``
+    #    where each write is one statement) -----------------------------------------------
+
+    def autocommit(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        """A connection whose statements each commit on their own: no BEGIN and COMMIT round
+        trips, for work that is one statement (or atomic statement by statement)."""
+        return self._autocommit.connect()
 
     async def record_events(self, conn: AsyncConnection, events: Sequence[EventToRecord]) -> bool:
         """Record staged events: deduplicate by identity, allocate gap-free lane positions in
