@@ -92,6 +92,18 @@ class _RawQueue:
         self.items.clear()
         self.put(_Failure(error))
 
+    def get_nowait(self) -> tuple[Any, int] | None:
+        """The next raw event, ``None`` if none is queued (a subscriber that keeps up pulls
+        most events this way: no coroutine per pull)."""
+        if not self.items:
+            return None
+        item = self.items[0]
+        if isinstance(item, _Failure):
+            raise item.error
+        self.items.popleft()
+        self.on_take()
+        return item
+
     async def get(self) -> tuple[Any, int]:
         while not self.items:
             self.waiter = asyncio.get_running_loop().create_future()
@@ -99,11 +111,8 @@ class _RawQueue:
                 await self.waiter
             finally:
                 self.waiter = None
-        item = self.items[0]
-        if isinstance(item, _Failure):
-            raise item.error
-        self.items.popleft()
-        self.on_take()
+        item = self.get_nowait()
+        assert item is not None
         return item
 
 
@@ -712,14 +721,14 @@ class SharedStreamManager:
 
     async def _fast_stream(self, subscriber: _Subscriber) -> AsyncIterator[Any]:
         while True:
-            raw, _ = await subscriber.raw.get()
+            raw, _ = subscriber.raw.get_nowait() or await subscriber.raw.get()
             yield raw
 
     async def _ack_stream(self, stream: _Stream, subscriber: _Subscriber) -> AsyncIterator[Any]:
         while True:
             if subscriber.window is not None:
                 self._close_window(stream, subscriber)
-            raw, event_id = await subscriber.raw.get()
+            raw, event_id = subscriber.raw.get_nowait() or await subscriber.raw.get()
             subscriber.window = event_id
             subscriber.window_rejected = False
             subscriber.window_task = asyncio.current_task()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -251,23 +252,22 @@ class Writer:
         each, run concurrently. Resolutions are cut by contiguous event-id ranges, so every
         resolution of one event (and so every contender for one delivery) stays in one group,
         in submission order; everything that is not a resolution goes to the first group."""
-        rows = [_resolution_of(item) for item in batch]
-        n_res = len(rows) - rows.count(None)
+        if len(batch) < 2 * self._min_split:
+            return [list(range(len(batch)))]
+        event_ids = [
+            None if (row := _resolution_of(item)) is None else row[EVENT_ID] for item in batch
+        ]
+        n_res = len(event_ids) - event_ids.count(None)
         groups = min(self._parallel, n_res // self._min_split)
         if groups < 2:
             return [list(range(len(batch)))]
-        per_event: dict[int, int] = {}
-        for row in rows:
-            if row is not None:
-                per_event[row[EVENT_ID]] = per_event.get(row[EVENT_ID], 0) + 1
-        group_of: dict[int, int] = {}
-        seen = 0
-        for event_id in sorted(per_event):
-            group_of[event_id] = min(groups - 1, seen * groups // n_res)
-            seen += per_event[event_id]
+        distinct = sorted({event_id for event_id in event_ids if event_id is not None})
+        # Cut by events (each has about as many resolutions as the next): group g starts at
+        # the event ``cuts[g - 1]``.
+        cuts = [distinct[len(distinct) * g // groups] for g in range(1, groups)]
         parts: list[list[int]] = [[] for _ in range(groups)]
-        for i, row in enumerate(rows):
-            parts[group_of[row[EVENT_ID]] if row is not None else 0].append(i)
+        for i, event_id in enumerate(event_ids):
+            parts[0 if event_id is None else bisect_right(cuts, event_id)].append(i)
         return [part for part in parts if part]
 
     async def _commit_with_retry(
@@ -322,23 +322,14 @@ class Writer:
                 log.exception("outbox writer callback failed")
 
     async def _commit(self, batch: list[_Queued], *, after_failure: bool = False) -> list[Any]:
-        events: list[EventToRecord] = []
-        resolutions: list[Resolution] = []
-        unbound: list[tuple[int, str, str]] = []
-        rows = [_resolution_of(item) for item in batch]
-        for item, row in zip(batch, rows, strict=True):
-            if row is not None:
-                resolutions.append(row)
-            elif isinstance(item, _Item):
-                if item.kind == "events":
-                    events.extend(item.value)
-                elif item.kind == "unbound":
-                    unbound.append(item.value)
+        events, resolutions, unbound = _classify(batch)
         lost: set[int] = set()  # indexes in ``resolutions``
         if events or resolutions or unbound:
             lanes_may_be_ready = bool(resolutions)
             connection = (
-                self._store.autocommit() if _each_alone(batch) else self._store.engine.begin()
+                self._store.autocommit()
+                if _one_statement_each(events, resolutions, unbound)
+                else self._store.engine.begin()
             )
             async with connection as conn:
                 if events and await self._store.record_events(conn, events):
@@ -352,10 +343,12 @@ class Writer:
             self.transactions += 1
             if self._on_commit is not None and lanes_may_be_ready:
                 self._on_commit()
+        if len(resolutions) == len(batch) and not lost:
+            return [True] * len(batch)  # the common batch: resolutions only, every one won
         results: list[Any] = []
         index = 0
-        for item, r in zip(batch, rows, strict=True):
-            if r is not None:
+        for item in batch:
+            if _resolution_of(item) is not None:
                 results.append(index not in lost)
                 index += 1
             elif isinstance(item, _Item) and item.kind == "events":
@@ -382,25 +375,42 @@ class Writer:
         return lost
 
 
-def _each_alone(batch: Sequence[_Queued]) -> bool:
-    """Whether ``batch`` is of one kind whose writes are each one statement (resolutions; events
-    without identities): it then runs outside a transaction block, each write committing on its
-    own, one round trip instead of three. Anything else, and any mix, commits as one
-    transaction."""
-    resolutions = events = False
+def _classify(
+    batch: Sequence[_Queued],
+) -> tuple[list[EventToRecord], list[Resolution], list[tuple[int, str, str]]]:
+    """The batch's events to record, resolutions and fast-path trigger events, in order."""
+    events: list[EventToRecord] = []
+    resolutions: list[Resolution] = []
+    unbound: list[tuple[int, str, str]] = []
     for item in batch:
-        if isinstance(item, _Item):
-            if item.kind == "unbound":
-                return False
-            if item.kind == "events":
-                if any(event.identity is not None for event in item.value):
-                    return False
-                events = True
-            elif item.kind == "resolution":
-                resolutions = True
-        else:
-            resolutions = True
-    return not (resolutions and events)
+        if not isinstance(item, _Item):
+            resolutions.append(item)
+        elif item.kind == "resolution":
+            resolutions.append(item.value)
+        elif item.kind == "events":
+            events.extend(item.value)
+        elif item.kind == "unbound":
+            unbound.append(item.value)
+    return events, resolutions, unbound
+
+
+def _one_statement_each(
+    events: Sequence[EventToRecord],
+    resolutions: Sequence[Resolution],
+    unbound: Sequence[tuple[int, str, str]],
+) -> bool:
+    """Whether these writes are of one kind whose writes are each one statement (resolutions;
+    events without identities): they then run outside a transaction block, each committing on
+    its own, one round trip instead of three. Anything else, and any mix, commits as one
+    transaction."""
+    if unbound or (resolutions and events):
+        return False
+    return all(event.identity is None for event in events)
+
+
+def _each_alone(batch: Sequence[_Queued]) -> bool:
+    """Whether ``batch`` commits outside a transaction block (see ``_one_statement_each``)."""
+    return _one_statement_each(*_classify(batch))
 
 
 def _resolution_of(item: _Queued) -> Resolution | None:
