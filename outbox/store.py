@@ -424,6 +424,9 @@ _INSERT_UNBOUND_RECORDS = sa.text(
 # resolved prefix: the events up to the first pending one (looked for within the next ``batch``
 # positions), so that a lane's unresolved backlog is not read on every pass. One statement, one
 # snapshot, for every ready lane; ``max_rows`` bounds a pass (a lane cut short goes on next time).
+# A row per lane: its events' columns as arrays, which asyncpg decodes in C (a row per event cost
+# more Python than the statement costs Postgres). The arrays share one order, not necessarily
+# the positions': ``contiguous_resolved_prefix`` sorts them.
 _READY_PREFIXES = sa.text(
     """
     WITH ready AS (
@@ -437,24 +440,31 @@ _READY_PREFIXES = sa.text(
         ORDER BY l.id
         LIMIT :max_lanes
     )
-    SELECT r.id, r.after, r.rewrites, p.id, p.position, p.pending, p.acked, p.failed,
-           p.rejected, p.payload::text
-    FROM ready AS r
-    CROSS JOIN LATERAL (
-        SELECT e.id, e.position, e.pending, e.acked, e.failed, e.rejected, e.payload
-        FROM outbox_event AS e
-        WHERE e.lane_id = r.id AND e.position > r.after
-          AND e.position < coalesce(
-            (SELECT q.position FROM outbox_event AS q
-             WHERE q.lane_id = r.id AND q.position > r.after AND q.position <= r.after + :batch
-               AND q.pending > 0
-             ORDER BY q.position LIMIT 1),
-            r.after + :batch + 1)
-        ORDER BY e.position
-        LIMIT :batch
-    ) AS p
-    ORDER BY r.id, p.position
-    LIMIT :max_rows
+    SELECT id, after, rewrites, array_agg(event_id), array_agg(position), array_agg(pending),
+           array_agg(acked), array_agg(failed), array_agg(rejected),
+           '[' || string_agg(coalesce(payload::text, 'null'), ',') || ']'
+    FROM (
+        SELECT r.id, r.after, r.rewrites, p.id AS event_id, p.position, p.pending, p.acked,
+               p.failed, p.rejected, p.payload
+        FROM ready AS r
+        CROSS JOIN LATERAL (
+            SELECT e.id, e.position, e.pending, e.acked, e.failed, e.rejected, e.payload
+            FROM outbox_event AS e
+            WHERE e.lane_id = r.id AND e.position > r.after
+              AND e.position < coalesce(
+                (SELECT q.position FROM outbox_event AS q
+                 WHERE q.lane_id = r.id AND q.position > r.after
+                   AND q.position <= r.after + :batch AND q.pending > 0
+                 ORDER BY q.position LIMIT 1),
+                r.after + :batch + 1)
+            ORDER BY e.position
+            LIMIT :batch
+        ) AS p
+        ORDER BY r.id, p.position
+        LIMIT :max_rows
+    ) AS prefix
+    GROUP BY id, after, rewrites
+    ORDER BY id
     """
 )
 
@@ -1050,15 +1060,15 @@ class OutboxStore:
                     "max_rows": max_rows,
                 },
             )
-            lanes: list[ReadyLane] = []
-            loads = _from_jsonb
-            for r in rows:
-                if not lanes or lanes[-1].lane_id != r[0]:
-                    lanes.append(ReadyLane(r[0], r[1], [], r[2]))
-                lanes[-1].events.append(
-                    LaneEvent(r[3], r[4], r[5], r[6], r[7], r[8], loads(r[9]) if r[9] else None)
+            return [
+                ReadyLane(
+                    lane_id,
+                    after,
+                    list(map(LaneEvent, *columns, _from_jsonb(payloads))),
+                    rewrites,
                 )
-            return lanes
+                for lane_id, after, rewrites, *columns, payloads in rows
+            ]
 
     async def take_lease(self, lane_id: int, owner: str, lease_seconds: float) -> LaneLease | None:
         async with self.engine.begin() as conn:
