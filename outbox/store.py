@@ -209,6 +209,19 @@ def _from_jsonb(text: str) -> Any:
     return _scan_json(text, 0)[0]
 
 
+def _separator_error(resolutions: Sequence[Resolution]) -> str:
+    """The one-line error for a subscriber name that holds a separator of ``_RESOLVE``."""
+    name = next(
+        r[SUBSCRIBER]
+        for r in resolutions
+        if NAME_SEPARATOR in r[SUBSCRIBER] or EVENT_SEPARATOR in r[SUBSCRIBER]
+    )
+    return (
+        f"subscriber {name!r} contains a control character (\\x1e or \\x1f) that outbox "
+        "uses as a separator; use a trigger id without one"
+    )
+
+
 def _count(states: dict[str, str], state: str) -> int:
     return sum(1 for s in states.values() if s == state) if states else 0
 
@@ -333,51 +346,55 @@ _INSERT_CARRIED_UNACKED = sa.text(
 # First resolution wins, by the event's row: a batch's resolutions of one event are applied
 # together, and only if none of their subscribers is in the event's ``resolved`` list yet (a
 # concurrent resolver's update is waited for and the condition checked again on its result).
-# A subscriber twice in the batch for one event leaves that event alone too. Trigger events are
-# stored for the events updated (``_resolve`` passes those of ``acked`` resolutions only); a
-# ``rejected`` or ``failed`` resolution also leaves its reason. Returns the events not updated,
-# normally none: ``OutboxStore.resolve`` applies their resolutions again one subscriber at a
-# time, to tell which of them won.
+# Trigger events are stored for the events updated (``_resolve`` passes those of ``acked``
+# resolutions only); a ``rejected`` or ``failed`` resolution also leaves its reason. Returns the
+# events not updated, normally none: ``OutboxStore.resolve`` applies their resolutions again one
+# subscriber at a time, to tell which of them won.
+#
+# The batch comes grouped by event (``_resolve``): each event's subscribers as one text, names
+# each preceded by ``NAME_SEPARATOR``, the events' texts joined by ``EVENT_SEPARATOR``. Splitting
+# texts costs Postgres less than grouping a row per resolution, and a name may be empty.
+NAME_SEPARATOR: Final = "\x1f"
+EVENT_SEPARATOR: Final = "\x1e"
 _RESOLVE = sa.text(
     f"""
-    WITH wanted AS (
-        SELECT * FROM unnest({_int_array("event_ids")}, {_text_array("subscribers")},
-                             string_to_array(:states, ','), {_text_array("reasons")})
-             WITH ORDINALITY AS r(event_id, subscriber, state, reason, resolution)
-    ),
-    per_event AS (
-        SELECT event_id, array_agg(subscriber) AS subscribers,
-               count(*) FILTER (WHERE state = 'acked') AS acked,
-               count(*) FILTER (WHERE state = 'failed') AS failed,
-               count(*) FILTER (WHERE state = 'rejected') AS rejected,
-               count(*) AS n, count(DISTINCT subscriber) AS subscribers_n
-        FROM wanted GROUP BY event_id
+    WITH per_event AS (
+        SELECT p.event_id, (string_to_array(p.names, E'\\x1f'))[2:] AS subscribers,
+               p.acked, p.failed, p.rejected
+        FROM unnest({_int_array("event_ids")}, string_to_array(:names, E'\\x1e'),
+                    {_int_array("ackeds", "int")}, {_int_array("faileds", "int")},
+                    {_int_array("rejecteds", "int")})
+             AS p(event_id, names, acked, failed, rejected)
     ),
     updated AS (
         UPDATE outbox_event AS e
         SET resolved = e.resolved || p.subscribers, acked = e.acked + p.acked,
             failed = e.failed + p.failed, rejected = e.rejected + p.rejected,
-            pending = e.pending - p.n, resolved_at = CASE WHEN e.pending = p.n THEN now() END
+            pending = e.pending - cardinality(p.subscribers),
+            resolved_at = CASE WHEN e.pending = cardinality(p.subscribers) THEN now() END
         FROM per_event AS p
-        WHERE e.id = p.event_id AND p.n = p.subscribers_n AND NOT e.resolved && p.subscribers
+        WHERE e.id = p.event_id AND NOT e.resolved && p.subscribers
         RETURNING e.id, e.pending, e.lane_id, e.stream_id
     ),
     unacked AS (
         INSERT INTO outbox_unacked (event_id, subscriber, state, reason)
-        SELECT w.event_id, w.subscriber, w.state, w.reason
-        FROM wanted AS w JOIN updated AS u ON u.id = w.event_id
-        WHERE w.state <> 'acked'
+        SELECT x.event_id, x.subscriber, x.state, x.reason
+        FROM unnest(CAST(:unacked_event_ids AS bigint[]), CAST(:unacked_subscribers AS text[]),
+                    CAST(:unacked_states AS text[]), CAST(:unacked_reasons AS text[]))
+             AS x(event_id, subscriber, state, reason)
+        JOIN updated AS u ON u.id = x.event_id
     ),
     stored AS (
         INSERT INTO outbox_record (stream_id, event_id, subscriber, ordinal, payload)
-        SELECT u.stream_id, w.event_id, w.subscriber, x.ordinal, x.payload
-        FROM unnest({_int_array("rec_resolutions")}, {_int_array("rec_ordinals", "int")},
+        SELECT u.stream_id, x.event_id, x.subscriber, x.ordinal, x.payload
+        FROM unnest({_int_array("rec_event_ids")},
+                    (string_to_array(:rec_subscribers, E'\\x1f'))[2:],
+                    {_int_array("rec_ordinals", "int")},
                     ARRAY(SELECT p FROM jsonb_array_elements(CAST(:rec_payloads AS jsonb))
                           WITH ORDINALITY AS a(p, i) ORDER BY i))
-             AS x(resolution, ordinal, payload)
-        JOIN wanted AS w ON w.resolution = x.resolution
-        JOIN updated AS u ON u.id = w.event_id
-        ORDER BY x.resolution, x.ordinal
+             WITH ORDINALITY AS x(event_id, subscriber, ordinal, payload, i)
+        JOIN updated AS u ON u.id = x.event_id
+        ORDER BY x.i
         RETURNING stream_id
     ),
     lanes_notified AS (
@@ -977,32 +994,83 @@ class OutboxStore:
     @staticmethod
     async def _resolve(conn: AsyncConnection, resolutions: Sequence[Resolution]) -> set[int]:
         """Apply ``resolutions``; return the events whose resolutions were not applied, none of
-        them, because one of their subscribers had resolved that event already."""
-        # Each trigger event names its resolution by position (1-based): its event, subscriber
-        # and stream come from there.
-        rec_resolutions: list[int] = []
+        them: one of their subscribers had resolved that event already, or is there twice."""
+        by_event: dict[int, list[Resolution]] = {}
+        for r in resolutions:
+            group = by_event.get(r[EVENT_ID])
+            if group is None:
+                by_event[r[EVENT_ID]] = [r]
+            else:
+                group.append(r)
+        refused: set[int] = set()
+        event_ids: list[int] = []
+        names: list[str] = []
+        ackeds: list[int] = []
+        faileds: list[int] = []
+        rejecteds: list[int] = []
+        unacked: list[Resolution] = []
+        applied = 0  # resolutions in the statement
+        for event_id, group in by_event.items():
+            subscribers = [r[SUBSCRIBER] for r in group]
+            if len(group) > 1 and len(set(subscribers)) < len(group):
+                refused.add(event_id)  # one subscriber twice: apply them one at a time
+                continue
+            acked = failed = 0
+            for r in group:
+                if r[STATE] == "acked":
+                    acked += 1
+                else:
+                    unacked.append(r)
+                    failed += r[STATE] == "failed"
+            applied += len(group)
+            event_ids.append(event_id)
+            names.append(NAME_SEPARATOR + NAME_SEPARATOR.join(subscribers))
+            ackeds.append(acked)
+            faileds.append(failed)
+            rejecteds.append(len(group) - acked - failed)
+        if not event_ids:
+            return refused
+        # Trigger events are stored with an acked resolution only, in batch order.
+        rec_event_ids: list[int] = []
+        rec_subscribers: list[str] = []
         rec_ordinals: list[int] = []
         rec_payloads: list[str] = []
-        for position, (_, _, _, state, _, records, _) in enumerate(resolutions, 1):
-            if state != "acked":
-                continue  # trigger events are stored with an acked resolution only
+        for event_id, subscriber, state, records in (
+            (r[EVENT_ID], r[SUBSCRIBER], r[STATE], r[RECORDS]) for r in resolutions if r[RECORDS]
+        ):
+            if state != "acked" or event_id in refused:
+                continue
             for ordinal, payload in enumerate(records):
-                rec_resolutions.append(position)
+                rec_event_ids.append(event_id)
+                rec_subscribers.append(subscriber)
                 rec_ordinals.append(ordinal)
                 rec_payloads.append(payload)
+        names_text = EVENT_SEPARATOR.join(names)
+        if names_text.count(NAME_SEPARATOR) != applied or (
+            names_text.count(EVENT_SEPARATOR) != len(names) - 1
+        ):
+            raise ValueError(_separator_error(resolutions))
         rows = await conn.execute(
             _RESOLVE,
             {
-                "event_ids": _ints(r[EVENT_ID] for r in resolutions),
-                "subscribers": _texts([r[SUBSCRIBER] for r in resolutions]),
-                "states": ",".join([r[STATE] for r in resolutions]),  # no commas in a state
-                "reasons": _texts([r[REASON] for r in resolutions]),
-                "rec_resolutions": _ints(rec_resolutions),
+                "event_ids": _ints(event_ids),
+                "names": names_text,
+                "ackeds": _ints(ackeds),
+                "faileds": _ints(faileds),
+                "rejecteds": _ints(rejecteds),
+                "unacked_event_ids": [r[EVENT_ID] for r in unacked],
+                "unacked_subscribers": [r[SUBSCRIBER] for r in unacked],
+                "unacked_states": [r[STATE] for r in unacked],
+                "unacked_reasons": [r[REASON] for r in unacked],
+                "rec_event_ids": _ints(rec_event_ids),
+                "rec_subscribers": (
+                    NAME_SEPARATOR + NAME_SEPARATOR.join(rec_subscribers) if rec_subscribers else ""
+                ),
                 "rec_ordinals": _ints(rec_ordinals),
                 "rec_payloads": _json_array(rec_payloads),
             },
         )
-        return {row[0] for row in rows if row[0] is not None}
+        return refused | {row[0] for row in rows if row[0] is not None}
 
     async def resolved_as(
         self, conn: AsyncConnection, resolutions: Sequence[Resolution]

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pytest
 
 from outbox import OutboxStore, SharedStreamManager, SharedStreamProducer, TriggerEvent
+from outbox.store import EventToRecord, ResolutionRow
 from tests.streams import RecordingProducer, StreamTrigger, collect, wait_until
 
 if TYPE_CHECKING:
@@ -102,3 +103,28 @@ async def test_key_none_and_double_subscribe_are_rejected(store: OutboxStore) ->
         manager.subscribe(trigger_id=1, trigger=StreamTrigger(name="dup"))
         with pytest.raises(RuntimeError, match="already subscribed"):
             manager.subscribe(trigger_id=1, trigger=StreamTrigger(name="dup"))
+
+
+async def test_a_trigger_id_holding_a_separator_is_refused_at_subscribe(store: OutboxStore) -> None:
+    StreamTrigger.PRODUCERS["sep"] = RecordingProducer([])
+    async with SharedStreamManager(store) as manager:
+        for trigger_id in ("a\x1fb", "\x1e"):
+            with pytest.raises(ValueError, match=r"contains a control character .* separator"):
+                manager.subscribe(trigger_id=trigger_id, trigger=StreamTrigger(name="sep"))
+
+
+async def test_the_store_refuses_a_subscriber_name_holding_a_separator(
+    store: OutboxStore,
+) -> None:
+    """The guard under the manager's check: a name that would split wrongly fails its batch
+    (the writer then isolates it) instead of resolving for the wrong subscribers."""
+    stream_id = await store.ensure_stream('["sep"]', "x.T", "{}", 300.0)
+    lane_id = (await store.ensure_lanes(stream_id, ["null"]))["null"]
+    event = EventToRecord(stream_id, lane_id, None, "{}", "1", ["a\x1fb"])
+    async with store.engine.begin() as conn:
+        await store.record_events(conn, [event])
+    async with store.engine.begin() as conn:
+        with pytest.raises(ValueError, match=r"subscriber 'a\\x1fb' contains a control"):
+            await store.resolve(
+                conn, [ResolutionRow(stream_id, event.event_id, "a\x1fb", "acked", None)]
+            )
