@@ -1010,7 +1010,9 @@ class OutboxStore:
         rejecteds: list[int] = []
         unacked: list[Resolution] = []
         applied = 0  # resolutions in the statement
-        for event_id, group in by_event.items():
+        # In id order, the order the update then locks the rows in (a redelivery locks earlier
+        # occurrences in id order too): two writers of the same events cannot deadlock.
+        for event_id, group in sorted(by_event.items()):
             subscribers = [r[SUBSCRIBER] for r in group]
             if len(group) > 1 and len(set(subscribers)) < len(group):
                 refused.add(event_id)  # one subscriber twice: apply them one at a time
