@@ -11,6 +11,7 @@ import contextlib
 import json
 import json.scanner
 import re
+from collections import Counter
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, Self, TypeAlias
@@ -1010,11 +1011,7 @@ class OutboxStore:
         refused: set[int] = set()
         event_ids: list[int] = []
         names: list[str] = []
-        ackeds: list[int] = []
-        faileds: list[int] = []
-        rejecteds: list[int] = []
-        unacked: list[Resolution] = []
-        applied = 0  # resolutions in the statement
+        sizes: list[int] = []
         # In id order, the order the update then locks the rows in (a redelivery locks earlier
         # occurrences in id order too): two writers of the same events cannot deadlock.
         for event_id, group in sorted(by_event.items()):
@@ -1022,36 +1019,36 @@ class OutboxStore:
             if len(group) > 1 and len(set(subscribers)) < len(group):
                 refused.add(event_id)  # one subscriber twice: apply them one at a time
                 continue
-            acked = failed = 0
-            for r in group:
-                if r[STATE] == "acked":
-                    acked += 1
-                else:
-                    unacked.append(r)
-                    failed += r[STATE] == "failed"
-            applied += len(group)
             event_ids.append(event_id)
             names.append(NAME_SEPARATOR + NAME_SEPARATOR.join(subscribers))
-            ackeds.append(acked)
-            faileds.append(failed)
-            rejecteds.append(len(group) - acked - failed)
+            sizes.append(len(group))
         if not event_ids:
             return refused
+        unacked = [r for r in resolutions if r[STATE] != "acked" and r[EVENT_ID] not in refused]
+        if unacked:
+            failed = Counter(r[EVENT_ID] for r in unacked if r[STATE] == "failed")
+            rejected = Counter(r[EVENT_ID] for r in unacked if r[STATE] == "rejected")
+            faileds = [failed[event_id] for event_id in event_ids]
+            rejecteds = [rejected[event_id] for event_id in event_ids]
+            ackeds = [n - f - j for n, f, j in zip(sizes, faileds, rejecteds, strict=True)]
+        else:
+            ackeds, faileds, rejecteds = sizes, [0] * len(sizes), [0] * len(sizes)
         # Trigger events are stored with an acked resolution only, in batch order.
-        rec_event_ids: list[int] = []
-        rec_subscribers: list[str] = []
-        rec_ordinals: list[int] = []
-        rec_payloads: list[str] = []
-        for event_id, subscriber, state, records in (
-            (r[EVENT_ID], r[SUBSCRIBER], r[STATE], r[RECORDS]) for r in resolutions if r[RECORDS]
-        ):
-            if state != "acked" or event_id in refused:
-                continue
-            for ordinal, payload in enumerate(records):
-                rec_event_ids.append(event_id)
-                rec_subscribers.append(subscriber)
-                rec_ordinals.append(ordinal)
-                rec_payloads.append(payload)
+        stored = [
+            r
+            for r in resolutions
+            if r[RECORDS] and r[STATE] == "acked" and (not refused or r[EVENT_ID] not in refused)
+        ]
+        rec_payloads = [payload for r in stored for payload in r[RECORDS]]
+        if len(rec_payloads) == len(stored):  # one trigger event each, the common case
+            rec_event_ids = [r[EVENT_ID] for r in stored]
+            rec_subscribers = [r[SUBSCRIBER] for r in stored]
+            rec_ordinals = [0] * len(stored)
+        else:
+            rec_event_ids = [r[EVENT_ID] for r in stored for _ in r[RECORDS]]
+            rec_subscribers = [r[SUBSCRIBER] for r in stored for _ in r[RECORDS]]
+            rec_ordinals = [i for r in stored for i in range(len(r[RECORDS]))]
+        applied = sum(sizes)  # resolutions in the statement
         names_text = EVENT_SEPARATOR.join(names)
         if names_text.count(NAME_SEPARATOR) != applied or (
             names_text.count(EVENT_SEPARATOR) != len(names) - 1

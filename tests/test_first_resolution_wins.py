@@ -156,3 +156,41 @@ async def test_of_two_concurrent_resolvers_the_first_to_commit_wins(store: Outbo
                 ResolutionRow(stream_id, event_id, "c", "acked", None),
             ],
         ) == {(event_id, "a", "acked"), (event_id, "b", "rejected")}
+
+
+async def test_one_batch_of_mixed_states_and_record_counts_lands_on_each_event(
+    store: OutboxStore,
+) -> None:
+    """Grouped by event for the statement, each resolution still lands on its own event with
+    its own state, reason and trigger events (several, one or none), in order."""
+    stream_id, first = await _event(store)
+    second = EventToRecord(
+        stream_id,
+        (await store.ensure_lanes(stream_id, ["null"]))["null"],
+        None,
+        "{}",
+        json.dumps("m2"),
+        SNAPSHOT,
+    )
+    async with store.engine.begin() as conn:
+        await store.record_events(conn, [second])
+    batch = [
+        ResolutionRow(stream_id, second.event_id, "c", "acked", None, ['{"n":1}']),
+        ResolutionRow(stream_id, first, "a", "acked", None, ['{"n":2}', '{"n":3}']),
+        ResolutionRow(stream_id, first, "b", "rejected", "not mine"),
+        ResolutionRow(stream_id, second.event_id, "a", "acked", None),
+        ResolutionRow(stream_id, first, "c", "failed", "filter raised"),
+        ResolutionRow(stream_id, second.event_id, "b", "acked", None, ['{"n":4}']),
+    ]
+    async with store.engine.begin() as conn:
+        assert await store.resolve(conn, batch) == set()
+    assert await _stored(store, first) == (
+        [("a", "acked", None), ("b", "rejected", "not mine"), ("c", "failed", "filter raised")],
+        [("a", {"n": 2}), ("a", {"n": 3})],
+        (0, 1, 1, 1),
+    )
+    assert await _stored(store, second.event_id) == (
+        [("a", "acked", None), ("b", "acked", None), ("c", "acked", None)],
+        [("b", {"n": 4}), ("c", {"n": 1})],
+        (0, 3, 0, 0),
+    )
