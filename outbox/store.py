@@ -872,48 +872,57 @@ class OutboxStore:
                 new_in_batch[item.identity] = item
         if not new_events:
             return False
+        items = [item for item, _ in new_events]
+        carried = [c for _, c in new_events]
         counts: dict[int, int] = {}
-        for item, _ in new_events:
+        for item in items:
             counts[item.lane_id] = counts.get(item.lane_id, 0) + 1
         lane_ids = sorted(counts)
-        snapshots: dict[tuple[str, ...], str] = {}
-
-        def snapshot_json(snapshot: Sequence[str]) -> str:
-            # The events of a batch mostly share one snapshot (the manager hands the same tuple
-            # to every event until its subscribers change): serialise it once.
-            key = snapshot if isinstance(snapshot, tuple) else tuple(snapshot)
-            text = snapshots.get(key)
-            if text is None:
-                text = snapshots[key] = json.dumps(key)
-            return text
-
+        # The events of a batch mostly share one snapshot (the manager hands the same tuple to
+        # every event until its subscribers change): serialise it once.
+        snapshot_texts: list[str] = []
+        last: Sequence[str] | None = None
+        text = ""
+        for item in items:
+            if item.snapshot is not last:
+                last = item.snapshot
+                text = json.dumps(list(last))
+            snapshot_texts.append(text)
+        n = len(items)
+        any_carried = any(carried)
         rows = await conn.execute(
             _RECORD_EVENTS,
             {
                 "lane_ids": lane_ids,
                 "counts": [counts[i] for i in lane_ids],
-                "stream_ids": _ints(e.stream_id for e, _ in new_events),
-                "event_lane_ids": _ints(e.lane_id for e, _ in new_events),
-                "identities": _texts([e.identity for e, _ in new_events]),
-                "raws": [e.raw_json for e, _ in new_events],
-                "payloads": [e.payload_json for e, _ in new_events],
-                "snapshots": [snapshot_json(e.snapshot) for e, _ in new_events],
-                "resolveds": _texts([json.dumps(list(c)) if c else None for _, c in new_events]),
-                "pendings": _ints(len(e.deliver_to) for e, _ in new_events),
-                "ackeds": _ints(_count(c, "acked") for _, c in new_events),
-                "rejecteds": _ints(_count(c, "rejected") for _, c in new_events),
+                "stream_ids": _ints([e.stream_id for e in items]),
+                "event_lane_ids": _ints([e.lane_id for e in items]),
+                "identities": _texts([e.identity for e in items]),
+                "raws": [e.raw_json for e in items],
+                "payloads": [e.payload_json for e in items],
+                "snapshots": snapshot_texts,
+                "resolveds": _texts(
+                    [json.dumps(list(c)) if c else None for c in carried]
+                    if any_carried
+                    else [None] * n
+                ),
+                "pendings": _ints([len(e.deliver_to) for e in items]),
+                "ackeds": _ints([_count(c, "acked") for c in carried] if any_carried else [0] * n),
+                "rejecteds": _ints(
+                    [_count(c, "rejected") for c in carried] if any_carried else [0] * n
+                ),
             },
         )
         ids: list[int] = rows.one()[0]
-        carried_rows: list[tuple[int, str, str]] = []
-        born_resolved: set[int] = set()
-        for (item, carried), event_id in zip(new_events, ids, strict=True):
+        for item, event_id in zip(items, ids, strict=True):
             item.event_id = event_id
-            carried_rows.extend(
-                (event_id, s, state) for s, state in carried.items() if state != "acked"
-            )
-            if not item.deliver_to:
-                born_resolved.add(item.lane_id)
+        carried_rows = [
+            (item.event_id, s, state)
+            for item, c in zip(items, carried, strict=True)
+            for s, state in c.items()
+            if state != "acked"
+        ]
+        born_resolved = any(not item.deliver_to for item in items)
         for duplicate, original in aliases:
             duplicate.event_id = original.event_id
         if carried_rows:
@@ -926,7 +935,7 @@ class OutboxStore:
                     "reasons": ["resolved by an earlier delivery"] * len(carried_rows),
                 },
             )
-        return bool(born_resolved)
+        return born_resolved
 
     @staticmethod
     async def _lock_lanes(
