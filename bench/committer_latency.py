@@ -12,8 +12,9 @@
     python bench/committer_latency.py            # full: 20 s at 1,000 events/s, 20,000 backlog
     python bench/committer_latency.py --tiny     # CI: 2 s, 2,000 backlog
 
-Postgres: ``--database-url`` names a migrated database the benchmark may fill; without it a
-fresh database is made on ``$PGHOST:$PGPORT`` when set, else on a throwaway cluster.
+Postgres: ``--database-url`` names a migrated database the benchmark may empty and fill;
+without it a fresh database is made on ``$PGHOST:$PGPORT`` when set, else on a throwaway
+cluster.
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ class TimingProducer(SharedStreamProducer):
 
 
 async def setup(store: OutboxStore) -> tuple[int, list[int]]:
+    # Empty, so that a database used before holds no lease of an earlier run's committer (the
+    # new one would wait out its expiry) and no backlog.
+    async with store.engine.begin() as conn:
+        await conn.execute(sa.text(f"TRUNCATE {OUTBOX_TABLES}"))
     stream_id = await store.ensure_stream(canonical_json(KEY, what="key"), "bench.X", "{}", 300.0)
     lanes = await store.ensure_lanes(stream_id, [str(i) for i in range(LANES)])
     return stream_id, [lanes[str(i)] for i in range(LANES)]
@@ -125,8 +130,6 @@ async def latency(store: OutboxStore, rate: int, seconds: float) -> dict[str, An
 
 
 async def throughput(store: OutboxStore, backlog: int, batch_size: int) -> dict[str, Any]:
-    async with store.engine.begin() as conn:
-        await conn.execute(sa.text(f"TRUNCATE {OUTBOX_TABLES}"))
     stream_id, lane_ids = await setup(store)
     for start in range(0, backlog, 5000):
         await record_and_resolve(

@@ -66,8 +66,8 @@ class LaneCommitter:
     :param lease_seconds: how long a lane lease lasts; a committer paused longer loses it and
         cannot move that lane's cursor.
     :param poll_interval: seconds between passes when nothing wakes the committer.
-    :param sweep_timeouts: fail deliveries past their stream's ack timeout (database clock); an
-        in-process committer leaves that to its manager.
+    :param sweep_timeouts: fail deliveries past their stream's ack timeout (database clock), at
+        most once per ``poll_interval``; an in-process committer leaves that to its manager.
     :param metrics: ``CommitterMetrics`` to count advances in and refresh from the database.
     :param prune_retention: when set, ``run()`` also deletes advanced events and dispatched
         records older than this many seconds, a batch at a time (keep it longer than the
@@ -124,6 +124,7 @@ class LaneCommitter:
         self.prune_retention = prune_retention
         self.housekeeping_interval = housekeeping_interval
         self._next_housekeeping = 0.0
+        self._next_sweep = 0.0
 
     # -- producers handed in by an in-process manager ------------------------------------------
 
@@ -210,7 +211,12 @@ class LaneCommitter:
         """
         async with self._lock:
             self._more_ready = False
-            if self.sweep_timeouts:
+            now = asyncio.get_running_loop().time()
+            if self.sweep_timeouts and now >= self._next_sweep:
+                # Once per poll interval, not per pass: the sweep reads each lane's events after
+                # its cursor, so a long resolved backlog drained pass after pass was read again
+                # on every one (on a used database, most of a 20,000-event drain's time).
+                self._next_sweep = now + self.poll_interval
                 await self._store.fail_expired(grace=self.timeout_grace)
             max_rows = max(10_000, self.batch_size)
             ready = await self._store.ready_prefixes(

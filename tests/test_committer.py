@@ -282,3 +282,26 @@ async def test_waits_on_notify_not_on_polling(store: OutboxStore) -> None:
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_draining_a_backlog_sweeps_timeouts_once_per_poll_interval(
+    store: OutboxStore,
+) -> None:
+    """The sweep reads every lane's events after its cursor: run on each pass of a drain it
+    would read the remaining backlog again and again."""
+    ids = await add_events(store, [f"p{i}" for i in range(6)])
+    await resolve(store, ids)
+    lanes = committer(store, Producer(), batch_size=2, poll_interval=3600.0)
+    sweeps = 0
+    sweep = store.fail_expired
+
+    async def counted(**kwargs: Any) -> int:
+        nonlocal sweeps
+        sweeps += 1
+        return await sweep(**kwargs)
+
+    store.fail_expired = counted  # type: ignore[method-assign]
+    advanced = 0
+    while moved := await lanes.run_once():
+        advanced += moved
+    assert advanced == 6 and lanes.passes == 4 and sweeps == 1
