@@ -211,7 +211,8 @@ class LaneCommitter:
         """
         async with self._lock:
             self._more_ready = False
-            now = asyncio.get_running_loop().time()
+            loop = asyncio.get_running_loop()
+            now = loop.time()
             if self.sweep_timeouts and now >= self._next_sweep:
                 # Once per poll interval, not per pass: the sweep reads each lane's events after
                 # its cursor, so a long resolved backlog drained pass after pass was read again
@@ -232,7 +233,6 @@ class LaneCommitter:
                 or any(len(lane.events) >= self.batch_size for lane in ready)
             ):
                 self._more_ready = True  # the read was cut short
-            loop = asyncio.get_running_loop()
             move_by = loop.time() + self.lease_seconds / 4
             advanced: list[AdvancedBatch] = []
             moved = 0

@@ -32,14 +32,7 @@ from outbox.core import (
 from outbox.errors import StreamTerminated
 from outbox.interop import adapt_producer, open_airflow_reject_window
 from outbox.protocol import AckTimeout, SharedStreamProducer, _Binding, _current_binding, to_json
-from outbox.store import (
-    EVENT_SEPARATOR,
-    NAME_SEPARATOR,
-    OWNER,
-    RECORDS,
-    EventToRecord,
-    OutboxStore,
-)
+from outbox.store import OWNER, RECORDS, EventToRecord, OutboxStore, holds_separator
 from outbox.triggers import ShareableTrigger, TriggerEvent, is_ack_mode
 from outbox.writer import Writer
 
@@ -290,7 +283,7 @@ class SharedStreamManager:
         if key is None:
             raise ValueError("shared stream key must not be None")
         name = str(trigger_id)
-        if NAME_SEPARATOR in name or EVENT_SEPARATOR in name:
+        if holds_separator(name):
             raise ValueError(
                 f"trigger id {trigger_id!r} contains a control character (\\x1e or \\x1f) "
                 "that outbox uses as a separator; use a trigger id without one"

@@ -215,17 +215,16 @@ def _from_jsonb(text: str) -> Any:
     return _scan_json(text, 0)[0]
 
 
-def _separator_error(resolutions: Sequence[Resolution]) -> str:
-    """The one-line error for a subscriber name that holds a separator of ``_RESOLVE``."""
-    name = next(
-        r[SUBSCRIBER]
-        for r in resolutions
-        if NAME_SEPARATOR in r[SUBSCRIBER] or EVENT_SEPARATOR in r[SUBSCRIBER]
-    )
-    return (
-        f"subscriber {name!r} contains a control character (\\x1e or \\x1f) that outbox "
-        "uses as a separator; use a trigger id without one"
-    )
+def holds_separator(name: str) -> bool:
+    """Whether a subscriber name holds a character ``_RESOLVE`` splits its names on (a trigger
+    id that does cannot subscribe)."""
+    return NAME_SEPARATOR in name or EVENT_SEPARATOR in name
+
+
+def _separated(names: Sequence[str]) -> str:
+    """``names`` as one text for ``string_to_array(..., E'\\x1f')[2:]``: each name preceded by
+    the separator, so that an empty name survives the split."""
+    return NAME_SEPARATOR + NAME_SEPARATOR.join(names) if names else ""
 
 
 def _count(states: dict[str, str], state: str) -> int:
@@ -1029,7 +1028,7 @@ class OutboxStore:
                 refused.add(event_id)  # one subscriber twice: apply them one at a time
                 continue
             event_ids.append(event_id)
-            names.append(NAME_SEPARATOR + NAME_SEPARATOR.join(subscribers))
+            names.append(_separated(subscribers))
             sizes.append(len(group))
         if not event_ids:
             return refused
@@ -1049,7 +1048,9 @@ class OutboxStore:
             if r[RECORDS] and r[STATE] == "acked" and (not refused or r[EVENT_ID] not in refused)
         ]
         rec_payloads = [payload for r in stored for payload in r[RECORDS]]
-        if len(rec_payloads) == len(stored):  # one trigger event each, the common case
+        if len(rec_payloads) == len(stored):
+            # One trigger event each, the common case: without the inner loops, the parameters
+            # cost a third less (1.5 us per event at S = 4).
             rec_event_ids = [r[EVENT_ID] for r in stored]
             rec_subscribers = [r[SUBSCRIBER] for r in stored]
             rec_ordinals = [0] * len(stored)
@@ -1057,12 +1058,16 @@ class OutboxStore:
             rec_event_ids = [r[EVENT_ID] for r in stored for _ in r[RECORDS]]
             rec_subscribers = [r[SUBSCRIBER] for r in stored for _ in r[RECORDS]]
             rec_ordinals = [i for r in stored for i in range(len(r[RECORDS]))]
-        applied = sum(sizes)  # resolutions in the statement
         names_text = EVENT_SEPARATOR.join(names)
-        if names_text.count(NAME_SEPARATOR) != applied or (
+        # One separator per resolution, one between events: else a name holds one.
+        if names_text.count(NAME_SEPARATOR) != sum(sizes) or (
             names_text.count(EVENT_SEPARATOR) != len(names) - 1
         ):
-            raise ValueError(_separator_error(resolutions))
+            name = next(r[SUBSCRIBER] for r in resolutions if holds_separator(r[SUBSCRIBER]))
+            raise ValueError(
+                f"subscriber {name!r} contains a control character (\\x1e or \\x1f) that "
+                "outbox uses as a separator; use a trigger id without one"
+            )
         rows = await conn.execute(
             _RESOLVE,
             {
@@ -1076,9 +1081,7 @@ class OutboxStore:
                 "unacked_states": [r[STATE] for r in unacked],
                 "unacked_reasons": [r[REASON] for r in unacked],
                 "rec_event_ids": _ints(rec_event_ids),
-                "rec_subscribers": (
-                    NAME_SEPARATOR + NAME_SEPARATOR.join(rec_subscribers) if rec_subscribers else ""
-                ),
+                "rec_subscribers": _separated(rec_subscribers),
                 "rec_ordinals": _ints(rec_ordinals),
                 "rec_payloads": _json_array(rec_payloads),
             },
