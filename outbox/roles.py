@@ -33,6 +33,8 @@ RUNTIME_PRIVILEGES: Final[dict[str, tuple[str, ...]]] = {
     "outbox_unacked": ("SELECT", "INSERT", "DELETE"),  # DELETE: a redelivery re-opens
     "outbox_delivery": ("SELECT",),  # a view of every resolution
     "outbox_record": ("SELECT", "INSERT", "UPDATE", "DELETE"),  # UPDATE: dispatched_at
+    "outbox_session": ("SELECT", "INSERT", "UPDATE", "DELETE"),  # heartbeats; DELETE: old ones
+    "outbox_subscriber": ("SELECT", "INSERT", "UPDATE", "DELETE"),  # join, exclude, leave
     VERSION_TABLE: ("SELECT",),  # check_schema
 }
 RUNTIME_SEQUENCES: Final[tuple[str, ...]] = (
@@ -40,6 +42,8 @@ RUNTIME_SEQUENCES: Final[tuple[str, ...]] = (
     "outbox_lane_id_seq",
     "outbox_event_id_seq",
     "outbox_record_id_seq",
+    "outbox_session_id_seq",
+    "outbox_subscriber_id_seq",
 )
 
 

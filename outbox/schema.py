@@ -12,6 +12,7 @@ from __future__ import annotations
 from sqlalchemy import (
     ARRAY,
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -29,7 +30,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-__all__ = ("event", "lane", "metadata", "record", "stream", "unacked")
+__all__ = (
+    "event",
+    "lane",
+    "metadata",
+    "record",
+    "session",
+    "stream",
+    "subscriber",
+    "unacked",
+)
 
 metadata = MetaData(
     naming_convention={
@@ -52,7 +62,62 @@ stream = Table(
     Column("trigger_kwargs", JSONB, nullable=False),
     Column("ack_timeout", Float, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column(
+        "consumer_session",
+        BigInteger,
+        ForeignKey("outbox_session.id", ondelete="SET NULL"),
+        comment="the triggerer session whose manager runs the producer (reads the broker)",
+    ),
+    Column(
+        "advance_in",
+        Text,
+        nullable=False,
+        server_default=text("'anywhere'"),
+        comment="'consumer': only the process that reads the broker may advance it",
+    ),
     UniqueConstraint("key"),
+    CheckConstraint("advance_in IN ('anywhere', 'consumer')", name="advance_in_known"),
+)
+
+# A triggerer process (one manager) while it lives: it renews ``expires_at``; a graceful stop, or
+# a sweeper that finds it expired, sets ``ended_at``. Deliveries owed through a session that is
+# no longer live are failed by the sweep at once.
+session = Table(
+    "outbox_session",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("owner", Text, nullable=False, comment="host:pid:random of the process"),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("ended_at", DateTime(timezone=True)),
+)
+
+# A subscriber of a stream, on whichever triggerer it runs: its id changes each time it joins, and
+# an event's snapshot names, for each subscriber owing it, the registration it is owed through.
+subscriber = Table(
+    "outbox_subscriber",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column(
+        "stream_id", BigInteger, ForeignKey("outbox_stream.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("name", Text, nullable=False, comment="str(trigger_id)"),
+    Column(
+        "session_id",
+        BigInteger,
+        ForeignKey("outbox_session.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column(
+        "excluded",
+        Boolean,
+        nullable=False,
+        server_default=text("false"),
+        comment="failed or leaving: in no new snapshot",
+    ),
+    Column("joined_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    UniqueConstraint("stream_id", "name"),
+    Index("ix_outbox_subscriber_session_id", "session_id"),
 )
 
 lane = Table(
@@ -96,7 +161,12 @@ event = Table(
     Column("identity", Text),
     Column("raw", JSONB),
     Column("payload", JSONB),
-    Column("snapshot", JSONB, nullable=False, comment="subscribers that must resolve it"),
+    Column(
+        "snapshot",
+        JSONB,
+        nullable=False,
+        comment="subscribers that must resolve it, each with the registration it is owed through",
+    ),
     Column(
         "resolved",
         ARRAY(Text),

@@ -13,7 +13,7 @@ import json.scanner
 import re
 from collections import Counter
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, Self, TypeAlias
 
 import sqlalchemy as sa
@@ -26,7 +26,7 @@ from outbox.errors import ConfigurationError, DatabaseUnavailable, SchemaNotMigr
 from outbox.schema import lane, stream
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+    from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
     from types import TracebackType
 
 __all__ = (
@@ -42,9 +42,11 @@ __all__ = (
 )
 
 VERSION_TABLE = "outbox_alembic_version"
-HEAD_REVISION = "0006"
+HEAD_REVISION = "0007"
 NOTIFY_CHANNEL = "outbox_resolved"
 RECORDS_CHANNEL = "outbox_records"
+RECORDED_CHANNEL = "outbox_recorded"
+CONSUMER_CHANNEL = "outbox_consumer"
 READER_LOCK_CLASS = 0x0B0C
 
 
@@ -72,17 +74,26 @@ def redact_url(url: str) -> str:
 
 @dataclass(slots=True)
 class EventToRecord:
-    """One event as the manager stages it, before its lane position is allocated."""
+    """One event as the manager stages it, before its lane position is allocated.
+
+    ``snapshot``: who must resolve it. ``None`` (what the manager stages): the stream's
+    subscribers registered at the moment Postgres records it, on whichever triggerer. A list of
+    names (tests, tools) records them owed through no known registration: such deliveries end by
+    the ack timeout alone.
+    """
 
     stream_id: int
     lane_id: int
     identity: str | None
     raw_json: str | None
     payload_json: str
-    snapshot: Sequence[str]
+    snapshot: Sequence[str] | None = None
     # Filled by ``record_events``:
     event_id: int = 0
     deliver_to: Sequence[str] = ()
+    # The registrations in force when it was recorded, by subscriber name (shared by the events
+    # of a stream in one batch): a subscriber here is handed the event only through its own.
+    owners: Mapping[str, int] = field(default_factory=dict)
 
 
 class ResolutionRow(NamedTuple):
@@ -231,14 +242,36 @@ def _count(states: dict[str, str], state: str) -> int:
     return sum(1 for s in states.values() if s == state) if states else 0
 
 
+# The subscribers each stream's new events are owed to: every registration, on any triggerer,
+# whose session is live and that is not excluded (failed, or leaving), with its id.
+_LIVE_OWNERS = """
+    SELECT x.stream_id,
+           coalesce(jsonb_object_agg(r.name, r.id) FILTER (WHERE r.id IS NOT NULL),
+                    '{}'::jsonb) AS owners,
+           count(r.id)::int AS size,
+           coalesce(bool_or(r.session_id <> :session), false) AS remote
+    FROM unnest(CAST(:owner_stream_ids AS bigint[])) AS x(stream_id)
+    LEFT JOIN (outbox_subscriber AS r
+               JOIN outbox_session AS s
+                 ON s.id = r.session_id AND s.ended_at IS NULL AND s.expires_at > now())
+           ON r.stream_id = x.stream_id AND NOT r.excluded
+    GROUP BY x.stream_id
+"""
+
+_READ_LIVE_OWNERS = sa.text(f"SELECT stream_id, owners::text FROM ({_LIVE_OWNERS}) AS o")
+
 # One statement, so that a batch without identities is recorded in one round trip (no BEGIN,
-# no COMMIT): lock the lanes in id order (two recordings of the same lanes cannot deadlock), move
-# their allocation counters, insert the events at the positions allocated, in batch order, and
-# wake committers for lanes whose events were born resolved (nobody to deliver them to). The new
-# ids come back as one array (in insertion order: ids grow with it), not a row each.
+# no COMMIT): read who each stream's events are owed to, lock the lanes in id order (two
+# recordings of the same lanes cannot deadlock), move their allocation counters, insert the
+# events at the positions allocated, in batch order, wake committers for lanes whose events were
+# born resolved (nobody to deliver them to) and triggerers whose subscribers are owed events
+# recorded here. An event staged without a snapshot (``NULL``, pending ``-1``) gets its stream's
+# owners. The new ids come back as one array (in insertion order: ids grow with it), with the
+# owners by stream.
 _RECORD_EVENTS = sa.text(
     f"""
-    WITH locked AS (
+    WITH owners AS ({_LIVE_OWNERS}),
+    locked AS (
         SELECT id FROM outbox_lane WHERE id = ANY(CAST(:lane_ids AS bigint[]))
         ORDER BY id FOR NO KEY UPDATE
     ),
@@ -254,10 +287,11 @@ _RECORD_EVENTS = sa.text(
              acked, rejected, resolved_at)
         SELECT x.stream_id, x.lane_id,
                a.first + row_number() OVER (PARTITION BY x.lane_id ORDER BY x.ord) - 1,
-               x.identity, x.raw::jsonb, x.payload::jsonb, x.snapshot::jsonb,
+               x.identity, x.raw::jsonb, x.payload::jsonb,
+               coalesce(x.snapshot::jsonb, o.owners),
                CASE WHEN x.resolved IS NULL THEN '{{}}'
                     ELSE ARRAY(SELECT jsonb_array_elements_text(x.resolved::jsonb)) END,
-               x.pending, x.acked, x.rejected, CASE WHEN x.pending = 0 THEN now() END
+               p.pending, x.acked, x.rejected, CASE WHEN p.pending = 0 THEN now() END
         FROM unnest({_int_array("stream_ids")}, {_int_array("event_lane_ids")},
                     {_text_array("identities")}, CAST(:raws AS text[]),
                     CAST(:payloads AS text[]), CAST(:snapshots AS text[]),
@@ -266,15 +300,25 @@ _RECORD_EVENTS = sa.text(
              WITH ORDINALITY AS x(stream_id, lane_id, identity, raw, payload, snapshot,
                                   resolved, pending, acked, rejected, ord)
         JOIN allocated AS a ON a.id = x.lane_id
+        JOIN owners AS o ON o.stream_id = x.stream_id
+        CROSS JOIN LATERAL (
+            SELECT CASE WHEN x.pending < 0 THEN o.size ELSE x.pending END AS pending
+        ) AS p
         ORDER BY x.ord
-        RETURNING id, lane_id, pending
+        RETURNING id, lane_id, stream_id, pending
     ),
     lanes_notified AS (
         SELECT pg_notify('{NOTIFY_CHANNEL}', string_agg(DISTINCT lane_id::text, ','))
         FROM inserted WHERE pending = 0 HAVING count(*) > 0
+    ),
+    triggerers_notified AS (
+        SELECT pg_notify('{RECORDED_CHANNEL}', string_agg(DISTINCT i.stream_id::text, ','))
+        FROM inserted AS i JOIN owners AS o ON o.stream_id = i.stream_id
+        WHERE o.remote HAVING count(*) > 0
     )
     SELECT coalesce(array_agg(id ORDER BY id), '{{}}'),
-           (SELECT count(*) FROM lanes_notified)
+           (SELECT count(*) FROM lanes_notified) + (SELECT count(*) FROM triggerers_notified),
+           (SELECT jsonb_object_agg(stream_id, owners)::text FROM owners)
     FROM inserted
     """
 )
@@ -320,13 +364,13 @@ _REOPEN_OCCURRENCE = sa.text(
     ),{_COUNT_REWRITE}
     UPDATE outbox_event
     SET payload = CAST(:payload AS jsonb), created_at = now(), resolved_at = NULL,
-        snapshot = snapshot || CAST(:added AS jsonb),
+        snapshot = snapshot || CAST(:owners AS jsonb),
         resolved = ARRAY(SELECT r FROM unnest(resolved) AS r
                          WHERE r NOT IN (SELECT subscriber FROM reopened)),
-        pending = pending + jsonb_array_length(CAST(:added AS jsonb))
-                  + (SELECT count(*) FROM reopened),
+        pending = pending + :added + (SELECT count(*) FROM reopened),
         failed = failed - (SELECT count(*) FROM reopened)
     WHERE id = :event_id
+    RETURNING pg_notify('{RECORDED_CHANNEL}', stream_id::text)
     """
 )
 
@@ -457,6 +501,11 @@ _READY_PREFIXES = sa.text(
         WHERE h.pending = 0
           AND (CAST(:stream_ids AS bigint[]) IS NULL
                OR l.stream_id = ANY(CAST(:stream_ids AS bigint[])))
+          -- A stream advanced through its consuming connection goes to the triggerer that
+          -- reads it (a committer given the stream ids it holds the producers of).
+          AND (CAST(:stream_ids AS bigint[]) IS NOT NULL
+               OR (SELECT st.advance_in FROM outbox_stream AS st WHERE st.id = l.stream_id)
+                  = 'anywhere')
           AND (l.lease_owner IS NULL OR l.lease_owner = :owner OR l.lease_expires_at < now())
           AND (l.retry_at IS NULL OR l.retry_at <= now())
         ORDER BY l.id
@@ -545,28 +594,179 @@ _RELEASE_LEASES = sa.text(
     """
 )
 
-_EXPIRED_PENDING = sa.text(
-    """
-    SELECT e.stream_id, e.id, m.subscriber
-    FROM outbox_lane AS l
-    JOIN outbox_stream AS s ON s.id = l.stream_id
-    -- An unresolved event is always after its lane's cursor: each lane's backlog is read by its
-    -- (lane_id, position) index, never the history behind the cursor.
+# The registrations through which deliveries can still be made: current (not replaced by a later
+# join of the same subscriber) and of a live session.
+_LIVE_REGISTRATIONS = """
+    SELECT coalesce(array_agg(r.id), '{}') AS ids
+    FROM outbox_subscriber AS r
+    JOIN outbox_session AS s ON s.id = r.session_id AND s.ended_at IS NULL AND s.expires_at > now()
+"""
+
+# A pending delivery ends here, failed, when nobody can make it any more (it is owed through a
+# registration that is gone: its triggerer died or stopped, or the subscriber left or joined
+# again), at once; or when its ack timeout passed by the database clock, whoever owes it. Each
+# lane's pending events are read after its cursor, by its (lane_id, position) index, never the
+# history behind it; lanes another committer holds are left to it (one sweeper per lane).
+_SWEEP_PENDING = sa.text(
+    f"""
+    WITH live AS ({_LIVE_REGISTRATIONS})
+    SELECT e.stream_id, e.id, m.name,
+           jsonb_typeof(m.owner) = 'number' AND (m.owner)::text::bigint <> ALL(live.ids)
+    FROM live CROSS JOIN outbox_lane AS l
+    JOIN outbox_stream AS st ON st.id = l.stream_id
     CROSS JOIN LATERAL (
-        SELECT e.stream_id, e.id, e.snapshot, e.resolved FROM outbox_event AS e
+        SELECT e.stream_id, e.id, e.snapshot, e.resolved, e.created_at FROM outbox_event AS e
         WHERE e.lane_id = l.id AND e.position > l.advanced_through AND e.pending > 0
-          AND e.created_at <= now() - make_interval(secs => s.ack_timeout + :grace)
+          AND (e.created_at <= now() - make_interval(secs => st.ack_timeout + :grace)
+               OR EXISTS (SELECT 1 FROM jsonb_each(e.snapshot) AS o(name, owner)
+                          WHERE jsonb_typeof(o.owner) = 'number'
+                            AND (o.owner)::text::bigint <> ALL(live.ids)
+                            AND o.name <> ALL(e.resolved)))
         ORDER BY e.position
         LIMIT :limit
         -- Locked until the failures commit: a redelivery re-opening one of these meanwhile
-        -- (``created_at`` reset, its subscriber taken off ``resolved``) is skipped now, and
-        -- seen as not expired next time, instead of having its fresh delivery failed at once.
+        -- (``created_at`` reset, its subscriber taken off ``resolved``, owed through a new
+        -- registration) waits, and then sees them failed and re-opens them.
         FOR UPDATE OF e SKIP LOCKED
     ) AS e
-    CROSS JOIN LATERAL jsonb_array_elements_text(e.snapshot) AS m(subscriber)
-    WHERE m.subscriber <> ALL(e.resolved)
+    CROSS JOIN LATERAL jsonb_each(e.snapshot) AS m(name, owner)
+    WHERE m.name <> ALL(e.resolved)
+      AND (CAST(:stream_ids AS bigint[]) IS NULL
+           OR l.stream_id = ANY(CAST(:stream_ids AS bigint[])))
+      AND (l.lease_owner IS NULL OR l.lease_owner = :owner OR l.lease_expires_at < now())
+      AND (e.created_at <= now() - make_interval(secs => st.ack_timeout + :grace)
+           OR (jsonb_typeof(m.owner) = 'number' AND (m.owner)::text::bigint <> ALL(live.ids)))
     ORDER BY e.id
     LIMIT :limit
+    """
+)
+
+# Sessions found expired are ended (a late heartbeat cannot revive one whose deliveries were
+# failed), and a day after they end they go, with their registrations.
+_END_EXPIRED_SESSIONS = sa.text(
+    f"""
+    WITH ended AS (
+        UPDATE outbox_session SET ended_at = now()
+        WHERE ended_at IS NULL AND expires_at <= now()
+        RETURNING id
+    ),
+    released AS (
+        UPDATE outbox_stream SET consumer_session = NULL
+        WHERE consumer_session IN (SELECT id FROM ended)
+        RETURNING id
+    ),
+    forgotten AS (
+        DELETE FROM outbox_session
+        WHERE id IN (SELECT id FROM outbox_session
+                     WHERE ended_at < now() - interval '1 day' LIMIT 1000)
+    )
+    SELECT (SELECT count(*) FROM ended),
+           (SELECT count(pg_notify('{CONSUMER_CHANNEL}', id::text)) FROM released)
+    """
+)
+
+_CONSUMER_ONLY_STREAMS = sa.text(
+    """
+    SELECT st.id, st.key, s.owner FROM outbox_stream AS st
+    LEFT JOIN outbox_session AS s
+           ON s.id = st.consumer_session AND s.ended_at IS NULL AND s.expires_at > now()
+    WHERE st.advance_in = 'consumer'
+    ORDER BY st.id
+    """
+)
+
+_CREATE_SESSION = sa.text(
+    """
+    INSERT INTO outbox_session (owner, expires_at)
+    VALUES (:owner, now() + make_interval(secs => :ttl))
+    RETURNING id
+    """
+)
+
+# Renewed while it is not ended: a session a sweeper found expired (and whose deliveries it
+# failed) stays dead.
+_RENEW_SESSION = sa.text(
+    """
+    UPDATE outbox_session SET expires_at = now() + make_interval(secs => :ttl)
+    WHERE id = :session AND ended_at IS NULL
+    RETURNING (SELECT coalesce(array_agg(st.id ORDER BY st.id), '{}') FROM outbox_stream AS st
+               WHERE st.consumer_session = :session)
+    """
+)
+
+_END_SESSION = sa.text(
+    f"""
+    WITH gone AS (DELETE FROM outbox_subscriber WHERE session_id = :session),
+    released AS (
+        UPDATE outbox_stream SET consumer_session = NULL WHERE consumer_session = :session
+        RETURNING id
+    ),
+    ended AS (
+        UPDATE outbox_session SET ended_at = coalesce(ended_at, now()) WHERE id = :session
+    )
+    SELECT count(pg_notify('{CONSUMER_CHANNEL}', id::text)) FROM released
+    """
+)
+
+# A subscriber joins: a new registration id each time, so that what an earlier one was owed is
+# recognisably not owed through this one.
+_REGISTER = sa.text(
+    """
+    INSERT INTO outbox_subscriber (stream_id, name, session_id)
+    SELECT :stream_id, n, :session FROM unnest(CAST(:names AS text[])) AS n
+    ON CONFLICT (stream_id, name) DO UPDATE
+    SET id = nextval(pg_get_serial_sequence('outbox_subscriber', 'id')),
+        session_id = excluded.session_id, excluded = false, joined_at = now()
+    RETURNING name, id
+    """
+)
+
+_EXCLUDE = sa.text(
+    "UPDATE outbox_subscriber SET excluded = true WHERE id = ANY(CAST(:ids AS bigint[]))"
+)
+
+_UNREGISTER = sa.text("DELETE FROM outbox_subscriber WHERE id = ANY(CAST(:ids AS bigint[]))")
+
+# The stream's producer runs in one triggerer at a time: the session holding it, while live.
+_TAKE_CONSUMER = sa.text(
+    """
+    UPDATE outbox_stream AS st SET consumer_session = :session, advance_in = :advance_in
+    WHERE st.id = :stream_id
+      AND (st.consumer_session IS NULL OR st.consumer_session = :session
+           OR NOT EXISTS (SELECT 1 FROM outbox_session AS s
+                          WHERE s.id = st.consumer_session AND s.ended_at IS NULL
+                            AND s.expires_at > now()))
+    RETURNING st.id
+    """
+)
+
+_RELEASE_CONSUMER = sa.text(
+    f"""
+    UPDATE outbox_stream SET consumer_session = NULL
+    WHERE id = :stream_id AND consumer_session = :session
+    RETURNING pg_notify('{CONSUMER_CHANNEL}', id::text)
+    """
+)
+
+# What a triggerer's subscribers are owed on a stream that another triggerer reads: pending
+# events after each lane's cursor (``after``: only those recorded since the last look) owed
+# through one of the given registrations and not resolved by it yet.
+_OWED_DELIVERIES = sa.text(
+    """
+    SELECT e.id, e.lane_id, e.raw::text, m.name, (m.owner)::text::bigint
+    FROM outbox_lane AS l
+    CROSS JOIN LATERAL (
+        SELECT e.id, e.lane_id, e.raw, e.snapshot, e.resolved FROM outbox_event AS e
+        WHERE e.lane_id = l.id AND e.position > l.advanced_through AND e.pending > 0
+          AND e.id > :after
+        ORDER BY e.position
+        LIMIT :limit
+    ) AS e
+    CROSS JOIN LATERAL jsonb_each(e.snapshot) AS m(name, owner)
+    WHERE l.stream_id = :stream_id AND jsonb_typeof(m.owner) = 'number'
+      AND (m.owner)::text::bigint = ANY(CAST(:registrations AS bigint[]))
+      AND m.name <> ALL(e.resolved)
+    ORDER BY e.id, m.name
     """
 )
 
@@ -807,11 +1007,14 @@ class OutboxStore:
         trips, for work that is one statement (or atomic statement by statement)."""
         return self._autocommit.connect()
 
-    async def record_events(self, conn: AsyncConnection, events: Sequence[EventToRecord]) -> bool:
+    async def record_events(
+        self, conn: AsyncConnection, events: Sequence[EventToRecord], *, session_id: int = 0
+    ) -> bool:
         """Record staged events: deduplicate by identity, allocate gap-free lane positions in
-        this transaction, insert. Fills each event's ``event_id`` and ``deliver_to``. Returns
-        whether an event was recorded already resolved (nobody to deliver it to), which may
-        make its lane ready to advance.
+        this transaction, insert. Fills each event's ``event_id``, ``deliver_to`` and
+        ``owners``. Returns whether an event was recorded already resolved (nobody to deliver it
+        to), which may make its lane ready to advance. ``session_id``: the recording triggerer's
+        session (triggerers with other sessions owed these events are notified).
 
         Events without identities are recorded by one statement, which needs no transaction
         around it (``autocommit()``); deduplicating identities takes several, in one."""
@@ -819,11 +1022,11 @@ class OutboxStore:
         by_stream: dict[int, list[EventToRecord]] = {}
         for item in events:
             if item.identity is None:
-                item.deliver_to = item.snapshot
                 new_events.append((item, {}))
             else:
                 by_stream.setdefault(item.stream_id, []).append(item)
         locked: set[int] = set()
+        owners_by_stream: dict[int, dict[str, int]] = {}
         if by_stream:
             # Redeliveries may change earlier occurrences: lock their lanes (and the batch's)
             # before reading them. Without identities the allocation below locks the lanes.
@@ -833,6 +1036,7 @@ class OutboxStore:
                 stream_ids=list(by_stream),
                 identities=sorted({e.identity for e in events if e.identity is not None}),
             )
+            owners_by_stream = await self._live_owners(conn, list(by_stream), session_id)
         aliases: list[tuple[EventToRecord, EventToRecord]] = []
         for stream_id, identified in by_stream.items():
             identities = sorted({e.identity for e in identified if e.identity is not None})
@@ -840,16 +1044,19 @@ class OutboxStore:
                 _LOCK_PRIOR_OCCURRENCES, {"stream_id": stream_id, "identities": identities}
             )
             prior = await self._prior_occurrences(conn, stream_id, identities, locked)
+            owners = owners_by_stream.get(stream_id, {})
             new_in_batch: dict[str, EventToRecord] = {}
             for item in identified:
                 assert item.identity is not None
+                item.owners = owners
                 first_copy = new_in_batch.get(item.identity)
                 if first_copy is not None:
                     # Delivered twice in one batch: the first copy reaches everyone already.
                     item.deliver_to = []
                     aliases.append((item, first_copy))
                     continue
-                plan = plan_redelivery(item.snapshot, prior.get(item.identity, ()))
+                names = list(owners) if item.snapshot is None else list(item.snapshot)
+                plan = plan_redelivery(names, prior.get(item.identity, ()))
                 item.deliver_to = plan.deliver_to
                 if plan.reuse_event_id is not None:
                     item.event_id = plan.reuse_event_id
@@ -860,7 +1067,10 @@ class OutboxStore:
                             {
                                 **refresh,
                                 "reopen": plan.reopen_failed,
-                                "added": json.dumps(plan.add_to_snapshot),
+                                "added": len(plan.add_to_snapshot),
+                                # Each subscriber it goes to now is owed it through its
+                                # current registration (a dead triggerer's no longer holds it).
+                                "owners": json.dumps({n: owners.get(n) for n in plan.deliver_to}),
                             },
                         )
                     else:
@@ -877,24 +1087,33 @@ class OutboxStore:
         for item in items:
             counts[item.lane_id] = counts.get(item.lane_id, 0) + 1
         lane_ids = sorted(counts)
-        # The events of a batch mostly share one snapshot (the manager hands the same tuple to
-        # every event until its subscribers change): serialise it once.
-        snapshot_texts: list[str] = []
+        # Snapshots given as names are serialised once each (a batch's events mostly share one).
+        snapshot_texts: list[str | None] = []
+        pendings: list[int] = []
         last: Sequence[str] | None = None
         text = ""
         for item in items:
+            if item.snapshot is None:
+                snapshot_texts.append(None)
+                pendings.append(-1)  # the stream's owners, as Postgres knows them
+                continue
             if item.snapshot is not last:
                 last = item.snapshot
-                text = json.dumps(list(last))
+                owners = owners_by_stream.get(item.stream_id, {})
+                text = json.dumps({n: owners.get(n) for n in last})
             snapshot_texts.append(text)
+            pendings.append(len(item.deliver_to) if item.identity is not None else len(last))
         n = len(items)
         any_carried = any(carried)
+        stream_ids = [e.stream_id for e in items]
         rows = await conn.execute(
             _RECORD_EVENTS,
             {
+                "session": session_id,
+                "owner_stream_ids": sorted(set(stream_ids)),
                 "lane_ids": lane_ids,
                 "counts": [counts[i] for i in lane_ids],
-                "stream_ids": _ints([e.stream_id for e in items]),
+                "stream_ids": _ints(stream_ids),
                 "event_lane_ids": _ints([e.lane_id for e in items]),
                 "identities": _texts([e.identity for e in items]),
                 "raws": [e.raw_json for e in items],
@@ -905,16 +1124,23 @@ class OutboxStore:
                     if any_carried
                     else [None] * n
                 ),
-                "pendings": _ints([len(e.deliver_to) for e in items]),
+                "pendings": _ints(pendings),
                 "ackeds": _ints([_count(c, "acked") for c in carried] if any_carried else [0] * n),
                 "rejecteds": _ints(
                     [_count(c, "rejected") for c in carried] if any_carried else [0] * n
                 ),
             },
         )
-        ids: list[int] = rows.one()[0]
+        ids, _, owners_text = rows.one()
+        recorded_owners: dict[str, dict[str, int]] = json.loads(owners_text) if owners_text else {}
         for item, event_id in zip(items, ids, strict=True):
             item.event_id = event_id
+            if item.snapshot is None:
+                owners = recorded_owners.get(str(item.stream_id), {})
+                item.owners = owners
+                item.deliver_to = list(owners)
+            elif item.identity is None:
+                item.deliver_to = list(item.snapshot)
         carried_rows = [
             (item.event_id, s, state)
             for item, c in zip(items, carried, strict=True)
@@ -935,6 +1161,15 @@ class OutboxStore:
                 },
             )
         return born_resolved
+
+    @staticmethod
+    async def _live_owners(
+        conn: AsyncConnection, stream_ids: Sequence[int], session_id: int
+    ) -> dict[int, dict[str, int]]:
+        rows = await conn.execute(
+            _READ_LIVE_OWNERS, {"owner_stream_ids": sorted(stream_ids), "session": session_id}
+        )
+        return {row[0]: json.loads(row[1]) for row in rows}
 
     @staticmethod
     async def _lock_lanes(
@@ -974,7 +1209,7 @@ class OutboxStore:
                     event_id=row[0],
                     advanced=row[2],
                     pending=row[3],
-                    snapshot=json.loads(row[4]),
+                    snapshot=list(json.loads(row[4])),
                     states=json.loads(row[6]),
                 )
             )
@@ -1203,24 +1438,25 @@ class OutboxStore:
 
     @contextlib.asynccontextmanager
     async def _listen(
-        self, channel: str, callback: Callable[[], None]
+        self, channels: Sequence[str], callback: Callable[[str, str], None]
     ) -> AsyncIterator[asyncio.Event]:
         lost = asyncio.Event()
         async with self.engine.connect() as conn:
             raw = (await conn.get_raw_connection()).driver_connection
             assert raw is not None
 
-            def on_notify(*_: object) -> None:
-                callback()
+            def on_notify(_connection: object, _pid: object, channel: str, payload: str) -> None:
+                callback(channel, payload)
 
             def on_terminated(*_: object) -> None:
                 # The server went away (restart, failover, a killed backend): notifications
                 # stop. Wake the caller so that it polls and listens again.
                 lost.set()
-                callback()
+                callback("", "")
 
             raw.add_termination_listener(on_terminated)
-            await raw.add_listener(channel, on_notify)
+            for channel in channels:
+                await raw.add_listener(channel, on_notify)
             try:
                 yield lost
             finally:
@@ -1230,8 +1466,17 @@ class OutboxStore:
                         await conn.invalidate()
                 else:
                     with contextlib.suppress(Exception):
-                        await raw.remove_listener(channel, on_notify)
+                        for channel in channels:
+                            await raw.remove_listener(channel, on_notify)
                     raw.remove_termination_listener(on_terminated)
+
+    def listen_triggerer(
+        self, callback: Callable[[str, str], None]
+    ) -> AbstractAsyncContextManager[asyncio.Event]:
+        """Call ``callback(channel, stream ids)`` when another triggerer records events owed to
+        this one's subscribers (``outbox_recorded``) or releases a stream's producer
+        (``outbox_consumer``); the context's value as with ``listen_resolved``."""
+        return self._listen((RECORDED_CHANNEL, CONSUMER_CHANNEL), callback)
 
     def listen_resolved(
         self, callback: Callable[[], None]
@@ -1240,24 +1485,45 @@ class OutboxStore:
         while the context is open (``LISTEN`` on a connection of its own). The context's value
         is an event set (and ``callback()`` called) when that connection is lost: listen again.
         """
-        return self._listen(NOTIFY_CHANNEL, callback)
+        return self._listen((NOTIFY_CHANNEL,), lambda _channel, _payload: callback())
 
     def listen_records(
         self, callback: Callable[[], None]
     ) -> AbstractAsyncContextManager[asyncio.Event]:
         """Call ``callback()`` whenever a transaction stores trigger events (the context's
         value as with ``listen_resolved``)."""
-        return self._listen(RECORDS_CHANNEL, callback)
+        return self._listen((RECORDS_CHANNEL,), lambda _channel, _payload: callback())
 
     async def release_leases(self, owner: str) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(_RELEASE_LEASES, {"owner": owner})
 
-    async def fail_expired(self, *, grace: float = 0.0, limit: int = 1000) -> int:
-        """Resolve as ``failed`` the pending deliveries whose ack timeout passed by the database
-        clock (their triggerer is gone); returns how many."""
+    async def fail_expired(
+        self,
+        *,
+        grace: float = 0.0,
+        limit: int = 1000,
+        owner: str = "",
+        stream_ids: Sequence[int] | None = None,
+    ) -> int:
+        """Resolve as ``failed`` the pending deliveries nobody can make any more (owed through a
+        registration that is gone: a dead or stopped triggerer, a subscriber that left or joined
+        again) and those whose ack timeout (plus ``grace``) passed by the database clock; returns
+        how many. Ends sessions found expired. Lanes leased by a committer other than ``owner``
+        are left to it; ``stream_ids`` limits the sweep to those streams."""
         async with self.engine.begin() as conn:
-            rows = (await conn.execute(_EXPIRED_PENDING, {"grace": grace, "limit": limit})).all()
+            await conn.execute(_END_EXPIRED_SESSIONS)
+            rows = (
+                await conn.execute(
+                    _SWEEP_PENDING,
+                    {
+                        "grace": grace,
+                        "limit": limit,
+                        "owner": owner,
+                        "stream_ids": list(stream_ids) if stream_ids is not None else None,
+                    },
+                )
+            ).all()
             if not rows:
                 return 0
             lost = await self.resolve(
@@ -1268,12 +1534,109 @@ class OutboxStore:
                         event_id=r[1],
                         subscriber=r[2],
                         state="failed",
-                        reason="ack timeout (database clock)",
+                        reason=(
+                            "its triggerer is gone (stopped or died), or it left"
+                            if r[3]
+                            else "ack timeout (database clock)"
+                        ),
                     )
                     for r in rows
                 ],
             )
         return len(rows) - len(lost)
+
+    # -- triggerer sessions, subscribers and consumers ------------------------------------
+
+    async def consumer_only_streams(self) -> list[tuple[int, str, str | None]]:
+        """``(id, key, owner of the live session reading it or None)`` of the streams only the
+        triggerer reading them may advance."""
+        async with self._autocommit.connect() as conn:
+            rows = await conn.execute(_CONSUMER_ONLY_STREAMS)
+            return [(r[0], r[1], r[2]) for r in rows]
+
+    async def create_session(self, owner: str, ttl: float) -> int:
+        """A new live session for a triggerer process, expiring ``ttl`` seconds from now unless
+        renewed."""
+        async with self._autocommit.connect() as conn:
+            session_id = await conn.scalar(_CREATE_SESSION, {"owner": owner, "ttl": ttl})
+        assert session_id is not None
+        return int(session_id)
+
+    async def renew_session(self, session_id: int, ttl: float) -> list[int] | None:
+        """Extend the session by ``ttl`` seconds from now; the streams whose producer it still
+        holds, or ``None`` if the session ended (a sweeper found it expired)."""
+        async with self._autocommit.connect() as conn:
+            rows = (await conn.execute(_RENEW_SESSION, {"session": session_id, "ttl": ttl})).all()
+        return list(rows[0][0]) if rows else None
+
+    async def end_session(self, session_id: int) -> None:
+        """End the session: its registrations go (what they are owed is failed by the next
+        sweep) and the producers it ran are released for another triggerer."""
+        async with self._autocommit.connect() as conn:
+            await conn.execute(_END_SESSION, {"session": session_id})
+
+    async def register(
+        self, stream_id: int, names: Sequence[str], session_id: int
+    ) -> dict[str, int]:
+        """Register subscribers of a stream in a session; their new registration ids."""
+        async with self._autocommit.connect() as conn:
+            rows = await conn.execute(
+                _REGISTER, {"stream_id": stream_id, "names": list(names), "session": session_id}
+            )
+            return {row[0]: row[1] for row in rows}
+
+    async def exclude(self, registration_ids: Sequence[int]) -> None:
+        """Keep these registrations out of new snapshots (failed or leaving subscribers); what
+        they are owed already is still theirs to resolve."""
+        if registration_ids:
+            async with self._autocommit.connect() as conn:
+                await conn.execute(_EXCLUDE, {"ids": list(registration_ids)})
+
+    async def unregister(self, registration_ids: Sequence[int]) -> None:
+        """Remove these registrations: what they are still owed is failed by the next sweep."""
+        if registration_ids:
+            async with self._autocommit.connect() as conn:
+                await conn.execute(_UNREGISTER, {"ids": list(registration_ids)})
+
+    async def take_consumer(self, stream_id: int, session_id: int, *, advance_in: str) -> bool:
+        """Make this session the one that runs the stream's producer, unless another live
+        session does; ``advance_in``: ``"consumer"`` when only that process may advance it."""
+        async with self._autocommit.connect() as conn:
+            taken = await conn.scalar(
+                _TAKE_CONSUMER,
+                {"stream_id": stream_id, "session": session_id, "advance_in": advance_in},
+            )
+        return taken is not None
+
+    async def release_consumer(self, stream_id: int, session_id: int) -> None:
+        """Give up running the stream's producer (another triggerer may take it at once)."""
+        async with self._autocommit.connect() as conn:
+            await conn.execute(_RELEASE_CONSUMER, {"stream_id": stream_id, "session": session_id})
+
+    async def owed_deliveries(
+        self,
+        stream_id: int,
+        registration_ids: Sequence[int],
+        *,
+        after: int = 0,
+        limit: int = 1000,
+    ) -> list[tuple[int, int, str | None, str, int]]:
+        """``(event_id, lane_id, raw JSON, subscriber, registration)`` of the stream's pending
+        deliveries owed through ``registration_ids``, events after id ``after``, in event order
+        (at most ``limit`` events per lane)."""
+        if not registration_ids:
+            return []
+        async with self._autocommit.connect() as conn:
+            rows = await conn.execute(
+                _OWED_DELIVERIES,
+                {
+                    "stream_id": stream_id,
+                    "registrations": list(registration_ids),
+                    "after": after,
+                    "limit": limit,
+                },
+            )
+            return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
     # -- the reader -------------------------------------------------------------------------
 
