@@ -66,8 +66,9 @@ class LaneCommitter:
     :param lease_seconds: how long a lane lease lasts; a committer paused longer loses it and
         cannot move that lane's cursor.
     :param poll_interval: seconds between passes when nothing wakes the committer.
-    :param sweep_timeouts: fail deliveries past their stream's ack timeout (database clock), at
-        most once per ``poll_interval``; an in-process committer leaves that to its manager.
+    :param sweep_timeouts: fail, at most once per ``poll_interval``, the deliveries nobody can
+        make any more (their triggerer's session ended, or the subscriber left or joined again)
+        and those past their stream's ack timeout by the database clock.
     :param metrics: ``CommitterMetrics`` to count advances in and refresh from the database.
     :param prune_retention: when set, ``run()`` also deletes advanced events and dispatched
         records older than this many seconds, a batch at a time (keep it longer than the
@@ -125,6 +126,7 @@ class LaneCommitter:
         self.housekeeping_interval = housekeeping_interval
         self._next_housekeeping = 0.0
         self._next_sweep = 0.0
+        self._left_to_triggerer: set[int] = set()
 
     # -- producers handed in by an in-process manager ------------------------------------------
 
@@ -201,8 +203,12 @@ class LaneCommitter:
 
     # -- passes ------------------------------------------------------------------------------
 
-    async def run_once(self, *, stream_ids: list[int] | None = None) -> int:
+    async def run_once(self, *, stream_ids: list[int] | None = None, sweep: bool = True) -> int:
         """One pass over the lanes that are ready; returns how many events it advanced.
+
+        At most once per ``poll_interval`` (and unless ``sweep`` is off) it first fails the
+        deliveries nobody can make any more and those past their ack timeout, on the lanes of
+        ``stream_ids`` (every stream when ``None``) that no other committer holds.
 
         Every ready lane's resolved prefix comes in one read; each lane is advanced in turn;
         the cursors of the lanes advanced move together in one statement at the end of the
@@ -213,12 +219,14 @@ class LaneCommitter:
             self._more_ready = False
             loop = asyncio.get_running_loop()
             now = loop.time()
-            if self.sweep_timeouts and now >= self._next_sweep:
+            if sweep and self.sweep_timeouts and now >= self._next_sweep:
                 # Once per poll interval, not per pass: the sweep reads each lane's events after
                 # its cursor, so a long resolved backlog drained pass after pass was read again
                 # on every one (on a used database, most of a 20,000-event drain's time).
                 self._next_sweep = now + self.poll_interval
-                await self._store.fail_expired(grace=self.timeout_grace)
+                await self._store.fail_expired(
+                    grace=self.timeout_grace, owner=self.owner, stream_ids=stream_ids
+                )
             max_rows = max(10_000, self.batch_size)
             ready = await self._store.ready_prefixes(
                 self.owner,
@@ -262,10 +270,11 @@ class LaneCommitter:
         return self._more_ready
 
     async def drain(self, stream_id: int) -> int:
-        """Advance everything of ``stream_id`` that is resolved, pass after pass."""
+        """Advance everything of ``stream_id`` that is resolved, pass after pass (what is not
+        resolved stays as it is: a stopping stream leaves it for its next reader)."""
         total = 0
         while True:
-            advanced = await self.run_once(stream_ids=[stream_id])
+            advanced = await self.run_once(stream_ids=[stream_id], sweep=False)
             if not advanced:
                 return total
             total += advanced
@@ -332,6 +341,15 @@ class LaneCommitter:
         if now < self._next_housekeeping:
             return
         self._next_housekeeping = now + self.housekeeping_interval
+        for stream_id, key, reader in await self._store.consumer_only_streams():
+            if stream_id not in self._left_to_triggerer:
+                self._left_to_triggerer.add(stream_id)
+                log.info(
+                    "stream %s is advanced by the triggerer that reads it (%s): its producer "
+                    "acks through the consuming connection; this committer leaves it",
+                    key,
+                    reader or "none running now",
+                )
         if self.prune_retention is not None:
             records, events = await self._store.prune(self.prune_retention)
             if records or events:

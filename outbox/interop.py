@@ -17,7 +17,12 @@ if TYPE_CHECKING:
     import contextvars
     from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 
-__all__ = ("adapt_producer", "is_base_event_trigger", "open_airflow_reject_window")
+__all__ = (
+    "adapt_producer",
+    "advances_from_consumer",
+    "is_base_event_trigger",
+    "open_airflow_reject_window",
+)
 
 _BASE_EVENT_TRIGGERS = {
     ("outbox.triggers", "BaseEventTrigger"),
@@ -54,6 +59,16 @@ class _ForeignProducer(SharedStreamProducer):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+def advances_from_consumer(producer: SharedStreamProducer) -> bool:
+    """Whether only the process whose ``open_stream`` reads the broker may advance the stream
+    (its ``advance`` acks through the consuming connection). A producer written for Airflow is
+    assumed to (Airflow always advances in the process that reads), unless it says otherwise
+    with a ``advances_from_consumer = False`` attribute."""
+    if isinstance(producer, _ForeignProducer):
+        return bool(getattr(producer.inner, "advances_from_consumer", True))
+    return bool(producer.advances_from_consumer)
 
 
 def adapt_producer(producer: Any) -> SharedStreamProducer:

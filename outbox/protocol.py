@@ -13,7 +13,7 @@ import logging
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Hashable, Sequence
@@ -71,7 +71,14 @@ class SharedStreamProducer(ABC):
     deletes, acks or dead-letters on the broker. ``advance`` is at-least-once: after a crash
     between the broker call and the cursor update the same batch is advanced again, so it must
     be safe to repeat.
+
+    ``advances_from_consumer``: set it to True when ``advance`` must run in the process whose
+    ``open_stream`` reads the broker (it acks through the consuming connection, or needs what
+    ``open_stream`` opened); a separate ``outbox committer`` then leaves the stream to the
+    triggerer's in-process committer.
     """
+
+    advances_from_consumer: ClassVar[bool] = False
 
     @abstractmethod
     def open_stream(self) -> AsyncIterator[tuple[Any, Any]]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from outbox.core import backoff_delay
 from outbox.errors import DatabaseUnavailable
@@ -48,8 +49,8 @@ _TRANSIENT_SQLSTATES = ("08", "40001", "40P01", "55P03", "57P01", "57P02", "57P0
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` says the database is (for now) unreachable or busy, rather than that the
     statement is wrong: worth retrying the same work later."""
-    if isinstance(exc, OSError | ConnectionError | asyncio.TimeoutError):
-        return True
+    if isinstance(exc, OSError | ConnectionError | asyncio.TimeoutError | PoolTimeout):
+        return True  # PoolTimeout: every pooled connection busy (for now)
     if isinstance(exc, DBAPIError):
         if exc.connection_invalidated:
             return True
@@ -81,9 +82,14 @@ def unavailable(store: OutboxStore, exc: BaseException, elapsed: float, limit: f
 
 @dataclass(slots=True)
 class _Item:
-    kind: str  # "events" | "resolution" | "unbound" | "barrier"
+    # "events" | "resolution" | "unbound" | "barrier", or a change of membership that commits
+    # in a batch of its own: "register" | "exclude" | "unregister"
+    kind: str
     value: Any
     callback: Callback | None
+
+
+_MEMBERSHIP = frozenset({"register", "exclude", "unregister"})
 
 
 # A resolution without a callback of its own is queued as itself: the hot path makes no item,
@@ -113,6 +119,7 @@ class Writer:
         outage_limit: float = 60.0,
         on_commit: Callable[[], None] | None = None,
         on_resolved: Callable[[Resolution, Any], None] | None = None,
+        on_lost: Callable[[int, BaseException], None] | None = None,
         parallel: int = 2,
         min_split: int = 500,
     ) -> None:
@@ -123,6 +130,9 @@ class Writer:
         self._outage_limit = outage_limit
         self._on_commit = on_commit
         self._on_resolved = on_resolved
+        self._on_lost = on_lost
+        # The session of the triggerer whose writes these are (set once it has one).
+        self.session_id = 0
         self._recording = _Queue()
         self._resolving = _Queue()
         self._queues = (self._recording, self._resolving)
@@ -197,6 +207,20 @@ class Writer:
             self._resolving, _Item("unbound", (stream_id, subscriber, payload_json), callback)
         )
 
+    def register(self, stream_id: int, names: Sequence[str], callback: Callback) -> None:
+        """Register subscribers of a stream in this triggerer's session, in order with the
+        recordings (events recorded before are not owed to them, events after are);
+        ``callback(registration ids by name, or exception)``."""
+        self._submit(self._recording, _Item("register", (stream_id, list(names)), callback))
+
+    def exclude(self, registrations: Sequence[int]) -> None:
+        """Keep these registrations out of the snapshots of events recorded from now on."""
+        self._submit(self._recording, _Item("exclude", list(registrations), None))
+
+    def unregister(self, registrations: Sequence[int]) -> None:
+        """Remove these registrations (what they are still owed is failed by the sweep)."""
+        self._submit(self._resolving, _Item("unregister", list(registrations), None))
+
     def after_pending(self, callback: Callback) -> None:
         """Run ``callback(None)`` once everything submitted before it is committed."""
         remaining = len(self._queues)
@@ -231,7 +255,15 @@ class Writer:
                 await queue.wakeup.wait()
             batch: list[_Queued] = []
             while queue.items and len(batch) < self._max_batch:
+                head = queue.items[0]
+                if isinstance(head, _Item) and head.kind in _MEMBERSHIP:
+                    if not batch:
+                        batch.append(queue.items.popleft())
+                    break
                 batch.append(queue.items.popleft())
+            if isinstance(batch[0], _Item) and batch[0].kind in _MEMBERSHIP:
+                self._finish(batch, [await self._membership(batch[0])])
+                continue
             parts = self._partition(batch)
             if len(parts) == 1:
                 results = await self._commit_with_retry(batch)
@@ -306,8 +338,30 @@ class Writer:
                     )
                 if transient:
                     exc = unavailable(self._store, exc, elapsed, self._outage_limit)
-                log.error("outbox write failed: %s", exc)
+                log.error("outbox write failed: %s", error_line(exc)[:500])
                 return [exc] * len(batch)
+
+    async def _membership(self, item: _Item) -> Any:
+        """Commit a change of membership; its result, or the exception that failed it."""
+        store = self._store
+        value = item.value
+        try:
+            if item.kind == "register":
+                stream_id, names = value
+                session = self.session_id
+                return await self.retry(lambda: store.register(stream_id, names, session))
+            if item.kind == "exclude":
+                await self.retry(lambda: store.exclude(value))
+            else:
+                await self.retry(lambda: store.unregister(value))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Not registered: the subscriber fails. Not excluded or not removed: its registration
+            # ends with its session (what it is owed meanwhile is failed by the sweep then).
+            log.warning("outbox could not %s subscribers (%s)", item.kind, error_line(exc))
+            return exc
+        return None
 
     def _finish(self, batch: list[_Queued], results: list[Any]) -> None:
         on_resolved = self._on_resolved
@@ -316,7 +370,10 @@ class Writer:
                 if not isinstance(item, _Item):
                     if item[OWNER] is not None and on_resolved is not None:
                         on_resolved(item, result)
-                elif isinstance(item, _Item) and item.callback is not None:
+                    elif isinstance(result, BaseException) and self._on_lost is not None:
+                        # No one waits on this one (no trigger events): its stream hears of it.
+                        self._on_lost(item[0], result)
+                elif item.callback is not None:
                     item.callback(result)
             except Exception:  # a callback bug must not stop the writer
                 log.exception("outbox writer callback failed")
@@ -332,7 +389,9 @@ class Writer:
                 else self._store.engine.begin()
             )
             async with connection as conn:
-                if events and await self._store.record_events(conn, events):
+                if events and await self._store.record_events(
+                    conn, events, session_id=self.session_id
+                ):
                     lanes_may_be_ready = True
                 if resolutions:
                     lost = await self._store.resolve(conn, resolutions)

@@ -17,8 +17,13 @@ if TYPE_CHECKING:
 
 
 class QueueProducer(SharedStreamProducer):
-    """Yields ``MESSAGES[queue]`` as ``(body, receipt)``; records every advance."""
+    """Yields ``MESSAGES[queue]`` as ``(body, receipt)``; records every advance.
 
+    Its ``advance`` needs nothing ``open_stream`` opened, so it says a separate committer may
+    advance it (``advances_from_consumer = False``, an attribute outbox reads); without it a
+    producer written for Airflow is advanced only by the triggerer that reads it."""
+
+    advances_from_consumer = False
     MESSAGES: ClassVar[dict[str, list[dict[str, Any]]]] = {}
     ADVANCED: ClassVar[list[tuple[Any, Any]]] = []
 

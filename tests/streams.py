@@ -4,6 +4,7 @@ filters, in the shape of Airflow's own test suite (``_RecordingProducer`` and fr
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -20,6 +21,7 @@ from outbox import (
     TriggerEvent,
     reject_shared_stream_event,
 )
+from outbox.store import EventToRecord, ResolutionRow
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
@@ -405,7 +407,8 @@ async def settle(manager: SharedStreamManager) -> None:
 
 
 async def event_rows(store: OutboxStore) -> list[dict[str, Any]]:
-    """Every recorded event with its lane, position, counts and snapshot, in id order."""
+    """Every recorded event with its lane, position, counts and snapshot (the names of the
+    subscribers owing it, sorted), in id order."""
     async with store.engine.connect() as conn:
         rows = await conn.execute(
             sa.text(
@@ -414,7 +417,7 @@ async def event_rows(store: OutboxStore) -> list[dict[str, Any]]:
                 " ORDER BY e.id"
             )
         )
-        return [dict(r._mapping) for r in rows]
+        return [{**r._mapping, "snapshot": sorted(r.snapshot)} for r in rows]
 
 
 async def delivery_rows(store: OutboxStore) -> list[tuple[Any, str, str, str | None]]:
@@ -453,9 +456,12 @@ async def lane_rows(store: OutboxStore) -> list[dict[str, Any]]:
 
 
 class Triggerers:
-    """``count`` managers (as in several triggerers) writing one stream key, each pulling from
-    its own ``ScriptedProducer``, with no in-process committer; ``committer`` (a separate
-    ``LaneCommitter``) advances the stream with the first producer, pass by pass.
+    """One stream key read by the triggerer whose manager ``triggerer 0`` runs (its
+    ``ScriptedProducer`` is ``advancer``), and subscribers elsewhere: what they are owed is
+    recorded through Postgres (as the reading triggerer records it for subscribers on other
+    triggerers) and resolved when the test says, in any order. No in-process committer:
+    ``committer`` (a separate ``LaneCommitter``) advances the stream with the reader's producer,
+    pass by pass.
 
     Within one manager a subscriber resolves events in broadcast order; across triggerers the
     events of one lane can resolve in any order, which is what the lane scenarios need.
@@ -466,46 +472,82 @@ class Triggerers:
     def __init__(
         self,
         store: OutboxStore,
-        count: int,
         *,
         lane_for: Callable[[Any], Hashable] | None = None,
         advance_hook: Callable[[list[Any]], Awaitable[None]] | None = None,
     ) -> None:
-        self.producers = [
-            ScriptedProducer(lane_for=lane_for, advance_hook=advance_hook) for _ in range(count)
-        ]
-        for i, producer in enumerate(self.producers):
-            StreamTrigger.PRODUCERS[f"t{i}"] = producer
-        self.managers = [SharedStreamManager(store, run_committer=False) for _ in range(count)]
-        self.committer = LaneCommitter(store, producers={self.KEY: self.producers[0]})
-
-    @property
-    def advancer(self) -> ScriptedProducer:
-        return self.producers[0]
+        self.store = store
+        self.lane_for = lane_for
+        self.advancer = ScriptedProducer(lane_for=lane_for, advance_hook=advance_hook)
+        StreamTrigger.PRODUCERS["t0"] = self.advancer
+        self.manager = SharedStreamManager(store, run_committer=False)
+        self.committer = LaneCommitter(store, producers={self.KEY: self.advancer})
+        self._events: dict[Any, tuple[int, int]] = {}  # payload -> (stream id, event id)
 
     def subscribe(
-        self, triggerer: int, trigger_id: Any, *, gate: Gate | None = None
+        self, trigger_id: Any, *, gate: Gate | None = None
     ) -> AsyncIterator[TriggerEvent]:
-        return self.managers[triggerer].subscribe(
-            trigger_id=trigger_id,
-            trigger=StreamTrigger(name=f"t{triggerer}", gate=gate),
-            key=self.KEY,
+        """A subscriber on the reading triggerer."""
+        return self.manager.subscribe(
+            trigger_id=trigger_id, trigger=StreamTrigger(name="t0", gate=gate), key=self.KEY
         )
 
+    async def record_elsewhere(self, subscriber: str, *pushed: tuple[Any, Any]) -> None:
+        """Record ``(event, payload)`` pairs owed only to ``subscriber``, on another
+        triggerer (after everything the reader recorded so far)."""
+        await self.manager._writer.barrier()
+        from outbox.core import canonical_json
+
+        async with self.store.engine.connect() as conn:
+            stream_id = await conn.scalar(
+                sa.text("SELECT id FROM outbox_stream WHERE key = :key"),
+                {"key": canonical_json(self.KEY, what="key")},
+            )
+        assert stream_id is not None
+        lanes = {
+            canonical_json(self.lane_for(p) if self.lane_for else None, what="lane"): p
+            for _, p in pushed
+        }
+        lane_ids = await self.store.ensure_lanes(stream_id, list(lanes))
+        events = [
+            EventToRecord(
+                stream_id=stream_id,
+                lane_id=lane_ids[
+                    canonical_json(self.lane_for(p) if self.lane_for else None, what="lane")
+                ],
+                identity=None,
+                raw_json=json.dumps(event),
+                payload_json=json.dumps(p),
+                snapshot=[subscriber],
+            )
+            for event, p in pushed
+        ]
+        for event in events:  # one at a time, so that their positions follow their order
+            async with self.store.engine.begin() as conn:
+                await self.store.record_events(conn, [event])
+        for (_, p), event in zip(pushed, events, strict=True):
+            self._events[p] = (stream_id, event.event_id)
+
+    async def resolve_elsewhere(self, subscriber: str, *payloads: Any) -> None:
+        """``subscriber`` (on another triggerer) resolves these events ``acked``."""
+        async with self.store.engine.begin() as conn:
+            await self.store.resolve(
+                conn,
+                [ResolutionRow(*self._events[p], subscriber, "acked", None) for p in payloads],
+            )
+
     async def settle(self) -> int:
-        """Commit what every manager submitted, then run committer passes until one advances
+        """Commit what the manager submitted, then run committer passes until one advances
         nothing; returns how many events were advanced."""
         await asyncio.sleep(0)
-        for manager in self.managers:
-            await manager._writer.barrier()
+        await self.manager._writer.barrier()
         total = 0
         while advanced := await self.committer.run_once():
             total += advanced
         return total
 
     async def aclose(self) -> None:
-        for manager in self.managers:
-            await manager.stop_all()
+        await self.manager.stop_all()
 
 
 async def wait_resolved(store: OutboxStore, payloads: Sequence[Any], within: float = 10.0) -> None:

@@ -108,20 +108,19 @@ async def test_pump_serializes_advance_calls(
 
 
 async def test_lanes_advance_independently(store: OutboxStore) -> None:
-    """Scenario 43: a1, a2 come from a triggerer whose subscriber is still on a1; b1, b2 from
-    another, resolved: lane b advances, lane a waits, then follows. Airflow's lane GC
-    (``_lane_queues == {}``) maps to every lane cursor caught up with its last position."""
-    triggerers = Triggerers(store, 2, lane_for=by_letter)
+    """Scenario 43: a1, a2 are read by a triggerer whose subscriber is still on a1; b1, b2 are
+    owed to a subscriber on another triggerer, which resolves them: lane b advances, lane a
+    waits, then follows. Airflow's lane GC (``_lane_queues == {}``) maps to every lane cursor
+    caught up with its last position."""
+    triggerers = Triggerers(store, lane_for=by_letter)
     gate = Gate()
     try:
-        triggerers.subscribe(0, trigger_id=1, gate=gate)
-        b = Background(triggerers.subscribe(1, trigger_id=2))
-        triggerers.producers[0].push({"p": "a1"}, "a1")
-        triggerers.producers[0].push({"p": "a2"}, "a2")
+        triggerers.subscribe(trigger_id=1, gate=gate)
+        triggerers.advancer.push({"p": "a1"}, "a1")
+        triggerers.advancer.push({"p": "a2"}, "a2")
         await gate.arrived(1)
-        triggerers.producers[1].push({"p": "b1"}, "b1")
-        triggerers.producers[1].push({"p": "b2"}, "b2")
-        await wait_until(lambda: len(b.items) == 2)
+        await triggerers.record_elsewhere("2", ({"p": "b1"}, "b1"), ({"p": "b2"}, "b2"))
+        await triggerers.resolve_elsewhere("2", "b1", "b2")
         await wait_resolved(store, ["b1", "b2"])
         assert await triggerers.settle() == 2
         assert triggerers.advancer.advanced == ["b1", "b2"]
@@ -142,18 +141,18 @@ async def test_lanes_advance_independently(store: OutboxStore) -> None:
 
 
 async def test_lane_internal_fifo_with_out_of_order_resolve(store: OutboxStore) -> None:
-    """Scenario 44: a1 (unresolved, triggerer 0), then b1, a2, a3 (resolved, triggerer 1): only
-    b1 advances; once a1 resolves, lane a advances a1, a2, a3 in one batch, in lane order."""
-    triggerers = Triggerers(store, 2, lane_for=by_letter)
+    """Scenario 44: a1 (unresolved: the reading triggerer's subscriber is on it), then b1, a2,
+    a3 (resolved by a subscriber on another triggerer): only b1 advances; once a1 resolves,
+    lane a advances a1, a2, a3 in one batch, in lane order."""
+    triggerers = Triggerers(store, lane_for=by_letter)
     gate = Gate()
     try:
-        triggerers.subscribe(0, trigger_id=1, gate=gate)
-        other = Background(triggerers.subscribe(1, trigger_id=2))
-        triggerers.producers[0].push({"p": "a1"}, "a1")
+        triggerers.subscribe(trigger_id=1, gate=gate)
+        triggerers.advancer.push({"p": "a1"}, "a1")
         await gate.arrived(1)
-        for p in ("b1", "a2", "a3"):
-            triggerers.producers[1].push({"p": p}, p)
-        await wait_until(lambda: len(other.items) == 3)
+        pushed = [({"p": p}, p) for p in ("b1", "a2", "a3")]
+        await triggerers.record_elsewhere("2", *pushed)
+        await triggerers.resolve_elsewhere("2", "b1", "a2", "a3")
         await wait_resolved(store, ["b1", "a2", "a3"])
         await triggerers.settle()
         assert triggerers.advancer.advanced == ["b1"]
@@ -206,18 +205,16 @@ async def test_pump_batches_per_lane_independently(store: OutboxStore) -> None:
 
 
 async def test_partial_prefix_waits_for_lane_head(store: OutboxStore) -> None:
-    """Scenario 47: p2 and p3 (another triggerer) resolve while p1 does not: no batch; then p1
-    resolves: one batch [p1, p2, p3]."""
-    triggerers = Triggerers(store, 2)
+    """Scenario 47: p2 and p3 (owed to a subscriber on another triggerer) resolve while p1 does
+    not: no batch; then p1 resolves: one batch [p1, p2, p3]."""
+    triggerers = Triggerers(store)
     gate = Gate()
     try:
-        triggerers.subscribe(0, trigger_id=1, gate=gate)
-        other = Background(triggerers.subscribe(1, trigger_id=2))
-        triggerers.producers[0].push({"n": 1}, "p1")
+        triggerers.subscribe(trigger_id=1, gate=gate)
+        triggerers.advancer.push({"n": 1}, "p1")
         await gate.arrived(1)
-        triggerers.producers[1].push({"n": 2}, "p2")
-        triggerers.producers[1].push({"n": 3}, "p3")
-        await wait_until(lambda: len(other.items) == 2)
+        await triggerers.record_elsewhere("2", ({"n": 2}, "p2"), ({"n": 3}, "p3"))
+        await triggerers.resolve_elsewhere("2", "p2", "p3")
         await wait_resolved(store, ["p2", "p3"])
         assert await triggerers.settle() == 0
         assert triggerers.advancer.batches == []

@@ -24,7 +24,7 @@ from outbox import (
     SubscriberOverflow,
     TriggerEvent,
 )
-from outbox.manager import _Failure
+from outbox.subscriber import Failure as _Failure
 from outbox.triggers import is_ack_mode
 from tests.streams import (
     Background,

@@ -28,7 +28,7 @@ from outbox import (
     reject_shared_stream_event,
 )
 from outbox.core import timeout_cadence
-from outbox.manager import _Failure
+from outbox.subscriber import Failure as _Failure
 from tests.streams import (
     Background,
     FakeClock,
@@ -50,7 +50,8 @@ from tests.streams import (
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from outbox.manager import _Stream, _Subscriber
+    from outbox.group import StreamGroup as _Stream
+    from outbox.subscriber import Subscriber as _Subscriber
 
 pytestmark = pytest.mark.anyio
 
@@ -163,22 +164,23 @@ async def test_multi_event_binding_gates_advance_on_every_seq(store: OutboxStore
 
 
 async def test_out_of_order_resolve_still_advances_in_fanout_order(store: OutboxStore) -> None:
-    """Scenario 27. Within one manager a subscriber resolves in broadcast order, so the events
-    come from three triggerers writing one stream (one lane): p3 resolves, then p2 (nothing
+    """Scenario 27. Within one manager a subscriber resolves in broadcast order, so p2 and p3
+    are owed to subscribers on other triggerers (one lane): p3 resolves, then p2 (nothing
     advanced), then p1: one batch [p1, p2, p3], in lane order."""
-    triggerers = Triggerers(store, 3)
-    gates = [Gate(), Gate(), Gate()]
+    triggerers = Triggerers(store)
+    gate = Gate()
     try:
-        for i, gate in enumerate(gates):
-            triggerers.subscribe(i, trigger_id=i + 1, gate=gate)
-            triggerers.producers[i].push({"n": i + 1}, f"p{i + 1}")
-            await gate.arrived(1)  # recorded (position i + 1) and pulled before the next
-        for gate, resolved in ((gates[2], ["p3"]), (gates[1], ["p2", "p3"])):
-            gate.release()
+        triggerers.subscribe(trigger_id=1, gate=gate)
+        triggerers.advancer.push({"n": 1}, "p1")
+        await gate.arrived(1)
+        await triggerers.record_elsewhere("2", ({"n": 2}, "p2"))
+        await triggerers.record_elsewhere("3", ({"n": 3}, "p3"))
+        for subscriber, payload, resolved in (("3", "p3", ["p3"]), ("2", "p2", ["p2", "p3"])):
+            await triggerers.resolve_elsewhere(subscriber, payload)
             await wait_resolved(store, resolved)
             assert await triggerers.settle() == 0
             assert triggerers.advancer.batches == []
-        gates[0].release()
+        gate.release()
         await wait_resolved(store, ["p1", "p2", "p3"])
         assert await triggerers.settle() == 3
         assert triggerers.advancer.batches == [["p1", "p2", "p3"]]
@@ -361,7 +363,7 @@ async def test_ack_timeout_cadence_floor(
         asked.append(ack_timeout)
         return timeout_cadence(ack_timeout)
 
-    monkeypatch.setattr("outbox.manager.timeout_cadence", spy)
+    monkeypatch.setattr("outbox.group.timeout_cadence", spy)
     producer_of()
     async with SharedStreamManager(store, ack_timeout=ack_timeout) as manager:
         manager.subscribe(trigger_id=1, trigger=StreamTrigger())
@@ -531,7 +533,7 @@ async def test_empty_snapshot_advances_in_fanout_order(
             lambda: KEY in manager._streams and stream_of(manager).producer is not None
         )
         stream = stream_of(manager)
-        manager._detach(stream, stream.subscribers.pop("1"), classify=True)
+        stream.detach(stream.subscribers["1"], classify=True)
         for payload in events:
             producer.push({"p": payload}, payload)
         await wait_until(lambda: len(producer.advanced) == len(events))

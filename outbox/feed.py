@@ -1,0 +1,290 @@
+"""How a group's events arrive: as the leader, from its producer (recorded, then handed out); as
+a follower, from Postgres (what the leader recorded and this triggerer's subscribers are owed).
+
+One task per group runs ``run_group``: the cohort grace period, the stream row, the producer,
+registering the subscribers, then the consumer — taken if no live triggerer holds it, else
+followed until it is free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from outbox.core import canonical_json, storable_key
+from outbox.errors import StreamTerminated
+from outbox.group import await_task, decode_raw, uncancelled
+from outbox.interop import adapt_producer, advances_from_consumer
+from outbox.protocol import to_json
+from outbox.store import EventToRecord
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from outbox.group import StreamGroup
+    from outbox.protocol import SharedStreamProducer
+
+__all__ = ("run_group",)
+
+log = logging.getLogger("outbox.manager")
+
+# A follower tries to take the producer over this many follow intervals apart (and at once when
+# the leader releases it): the leader's session must have ended first.
+TAKEOVER_EVERY = 5
+
+
+async def run_group(group: StreamGroup) -> None:
+    host = group.host
+    error: BaseException | None = None
+    cancelled = False
+    source: AsyncIterator[Any] | None = None
+    try:
+        if host.cohort_grace_period > 0:
+            await asyncio.sleep(host.cohort_grace_period)
+        group.stream_id = await host.writer.retry(
+            lambda: uncancelled(
+                host.store.ensure_stream(
+                    group.key_json, group.class_path, group.kwargs_json, host.ack_timeout
+                )
+            )
+        )
+        early, group.early_unbound = group.early_unbound, []
+        for subscriber, payload_json, trigger_event in early:
+            group._store_unbound(subscriber, payload_json, trigger_event)
+        if group.ack_mode:
+            producer = adapt_producer(
+                group.trigger_class.create_shared_stream_producer(group.kwargs)
+            )
+            group.producer = producer
+            await _register_subscribers(group)
+            group.timeout_task = asyncio.get_running_loop().create_task(
+                group.enforce_timeouts(), name=f"shared-stream-ack-timeout[{group.key!r}]"
+            )
+            await _lead_when_possible(group, producer)
+            if host.committer is not None:
+                host.committer.add_producer(group.stream_id, producer)
+            source = producer.open_stream()
+            async for item in source:
+                await _stage(group, producer, item)
+        else:
+            source = group.trigger_class.open_shared_stream(group.kwargs)
+            async for raw in source:
+                await group.fan_out_fast(raw)
+        raise StreamTerminated(
+            f"shared stream {group.key!r} returned without raising; shared streams are "
+            "expected to run for the lifetime of the group"
+        )
+    except asyncio.CancelledError:
+        cancelled = True
+        # The stop path: this cancellation asked the poll to end, not the finish below to be
+        # skipped (``await_task`` re-raises while the current task is cancelling).
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+    except Exception as exc:
+        error = exc
+    finally:
+        if error is not None:
+            log.error(
+                "Shared stream poll failed; propagating to subscribers",
+                exc_info=error,
+                extra={"stream": repr(group.key)},
+            )
+            group.fail(error)
+        await _finish(group, source)
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+async def _register_subscribers(group: StreamGroup) -> None:
+    """Register the subscribers that joined before the stream existed; later ones register as
+    they join (``StreamGroup.add``)."""
+    host = group.host
+    session = await host.session()
+    group.registering = True
+    waiting = [s for s in group.subscribers.values() if s.registration is None and not s.failed]
+    if not waiting:
+        return
+    names = [s.name for s in waiting]
+    registered = await host.writer.retry(
+        lambda: uncancelled(host.store.register(group.stream_id, names, session))
+    )
+    for subscriber in waiting:
+        if subscriber.detached or subscriber.failed:
+            host.writer.unregister([registered[subscriber.name]])
+        else:
+            subscriber.registration = registered.get(subscriber.name)
+
+
+async def _lead_when_possible(group: StreamGroup, producer: SharedStreamProducer) -> None:
+    """Take the stream's consumer, or follow the triggerer that has it until it is free; then
+    hand out what earlier leaders recorded for these subscribers and return (to lead)."""
+    host = group.host
+    advance_in = "consumer" if advances_from_consumer(producer) else "anywhere"
+    while True:
+        session = await host.session()
+
+        async def take(session: int = session) -> bool:
+            return bool(
+                await uncancelled(
+                    host.store.take_consumer(group.stream_id, session, advance_in=advance_in)
+                )
+            )
+
+        if await host.writer.retry(take):
+            break
+        if group.role != "follower":
+            group.role = "follower"
+            log.info(
+                "another triggerer runs this stream's producer; following it",
+                extra={"stream": repr(group.key)},
+            )
+        await _follow(group)
+    previous = group.role
+    group.role = "leader"
+    if previous == "follower":
+        log.info("took over this stream's producer", extra={"stream": repr(group.key)})
+    await _hand_out_owed(group, full=True)
+
+
+async def _follow(group: StreamGroup) -> None:
+    """Hand out what the leader records for these subscribers, until it is time to try taking
+    the producer over (its leader released it, or now and then: its session may have ended)."""
+    host = group.host
+    group.consumer_released = False
+    for turn in range(TAKEOVER_EVERY):
+        await _hand_out_owed(group, full=turn == 0)
+        group.wakeup.clear()
+        group.resume.clear()
+        waiter = asyncio.ensure_future(group.wakeup.wait())
+        resumed = asyncio.ensure_future(group.resume.wait())
+        try:
+            await asyncio.wait(
+                {waiter, resumed}, timeout=host.follow_interval, return_when="FIRST_COMPLETED"
+            )
+        finally:
+            waiter.cancel()
+            resumed.cancel()
+        if group.consumer_released:
+            return
+
+
+async def _hand_out_owed(group: StreamGroup, *, full: bool) -> None:
+    """Read from Postgres the pending deliveries owed to these subscribers through their
+    registrations (recorded since the last look, or all with ``full``) and hand them out."""
+    host = group.host
+    registrations = {
+        s.registration: s
+        for s in group.subscribers.values()
+        if s.registration is not None and not s.failed
+    }
+    room = group.room()
+    if not registrations or room <= 0:
+        return
+    settling = frozenset(group.settling)
+    if settling:
+        # Resolved here but maybe not committed yet (still pending in Postgres): not handed out
+        # again; forgotten once their commit is certain.
+        host.writer.after_pending(lambda _: group.settling.difference_update(settling))
+    after = 0 if full else group.followed_through
+    owed_through = list(registrations)
+    rows = await host.writer.retry(
+        lambda: uncancelled(
+            host.store.owed_deliveries(group.stream_id, owed_through, after=after, limit=room)
+        )
+    )
+    events: list[tuple[int, Any, list[str], dict[str, int]]] = []
+    for event_id, _, raw_text, name, registration in rows:
+        if (event_id, name) in settling or (event_id, name) in group.settling:
+            continue
+        if not events or events[-1][0] != event_id:
+            events.append((event_id, decode_raw(raw_text), [], {}))
+        events[-1][2].append(name)
+        events[-1][3][name] = registration
+    if rows and len({r[0] for r in rows}) < room:
+        group.followed_through = max(group.followed_through, max(r[0] for r in rows))
+    group.broadcast(events)
+
+
+async def _stage(group: StreamGroup, producer: SharedStreamProducer, item: Any) -> None:
+    raw, payload = item
+    where = group.where
+    lane = producer.get_advance_lane(payload)
+    # Most lanes are ints or strings (a partition, a message group): their lane ids are looked
+    # up by value, without serialising the lane for every event. (1, True and 1.0 are equal but
+    # serialise differently: hence the type in the key.)
+    lane_id = group.lane_cache.get((type(lane), lane)) if type(lane) in (int, str) else None
+    identity = producer.get_event_key(payload)
+    if identity is not None:
+        if not isinstance(identity, str):
+            raise TypeError(
+                f"{where}: get_event_key returned {type(identity).__name__}, expected str or None"
+            )
+        storable_key(identity, what=f"{where}: get_event_key returned")
+    raw_json = to_json(producer.serialize_event(raw), what=f"{where}: raw event")
+    payload_json = to_json(
+        producer.serialize_payload(payload),
+        what=f"{where}: broker payload (override serialize_payload/deserialize_payload)",
+    )
+    if lane_id is None:
+        lane_json = storable_key(canonical_json(lane, what=f"{where}: lane"), what=f"{where}: lane")
+        lane_id = group.lane_ids.get(lane_json)
+        if lane_id is None:
+            group.lane_ids.update(
+                await group.host.writer.retry(
+                    lambda: group.host.store.ensure_lanes(group.stream_id, [lane_json])
+                )
+            )
+            lane_id = group.lane_ids[lane_json]
+        if type(lane) in (int, str):
+            group.lane_cache[(type(lane), lane)] = lane_id
+    group.staged.append(
+        EventToRecord(
+            stream_id=group.stream_id,
+            lane_id=lane_id,
+            identity=identity,
+            raw_json=raw_json,
+            payload_json=payload_json,
+        )
+    )
+    group.staged_raw.append(raw)
+    group.in_flight += 1
+    if len(group.staged) >= group.host.record_batch:
+        group.flush_staged()
+    elif not group.flush_scheduled:
+        group.flush_scheduled = True
+        asyncio.get_running_loop().call_soon(group.flush_staged)
+    await group.wait_for_room()
+
+
+async def _finish(group: StreamGroup, source: AsyncIterator[Any] | None) -> None:
+    host = group.host
+    group.stopping = True
+    if group.timeout_task is not None:
+        group.timeout_task.cancel()
+        await await_task(group.timeout_task)
+    aclose = getattr(source, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:
+            log.debug("closing the shared stream source failed", exc_info=True)
+    await host.writer.barrier()
+    if group.producer is None:
+        return
+    if group.role == "leader":
+        if host.committer is not None:
+            await host.committer.drain(group.stream_id)
+            # A newer group of the same key may have registered its own producer.
+            host.committer.remove_producer(group.stream_id, group.producer)
+        session = host.session_id
+        if session is not None and not host.holds_elsewhere(group):
+            try:
+                await host.store.release_consumer(group.stream_id, session)
+            except Exception as exc:  # its session ends, or expires, anyway
+                log.debug("could not release the stream's producer (%s)", exc)
+    try:
+        await group.producer.aclose()
+    except Exception:
+        log.warning("Producer aclose failed", exc_info=True)
