@@ -380,7 +380,12 @@ class Triggerer:
         from confluent_kafka import Producer
 
         producer = Producer(
-            {"bootstrap.servers": self.site.bootstrap, "acks": "all", "linger.ms": 5}
+            {
+                "bootstrap.servers": self.site.bootstrap,
+                "acks": "all",
+                "linger.ms": 5,
+                "log_level": 4,  # not librdkafka's notices on close
+            }
         )
         values = []
         for _ in range(count):
@@ -406,6 +411,7 @@ class Triggerer:
                 "bootstrap.servers": self.site.bootstrap,
                 "group.id": self.group,
                 "enable.auto.commit": False,
+                "log_level": 4,
             }
         )
         try:
