@@ -247,6 +247,7 @@ class Triggerer:
                 raise ValueError(f"manager={manager!r} needs outbox_database_url")
             extra[setting("outbox", "database_url")] = outbox_database_url
             extra[setting("outbox", "manager_class")] = self.manager_class
+        if manager == "recording":
             extra[setting("outbox", "standin_log")] = str(self.calls_path)
         extra.update(env or {})
         self.env = airflow_env(site, self.home, self.dbname, extra)
@@ -317,7 +318,6 @@ class Triggerer:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self.started_at = time.monotonic()
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
