@@ -592,8 +592,10 @@ def run_backlog_scenario(
     until the backlog is drained (committed offsets at the end and every message stored for
     every asset) and stop the triggerer gracefully, so the counts are final.
 
-    ``require_drain=False`` (a backlog bigger than Airflow's queue, where Airflow alone loops):
-    after ``drain_within`` seconds without draining, kill it and report ``drained=False``.
+    A backlog bigger than the queue (issue 16's case): ``airflow_triggerer(manager=...,
+    env=queue_size(32))`` and ``messages=300``. Airflow alone loops on it (and may even commit
+    past messages a re-subscribing trigger never got): with ``require_drain=False`` the scenario
+    kills it after ``drain_within`` seconds without draining and reports ``drained=False``.
 
     ``seconds``: ``first_event`` (start to first asset event), ``restart_<i>`` (restart to the
     first asset event stored after it), ``drain`` (start to drained), ``stop`` (SIGTERM)."""
