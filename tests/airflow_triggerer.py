@@ -530,11 +530,15 @@ class Triggerer:
         if self.manager_class is None:
             assert "outbox:" not in text, f"outbox touched Airflow alone\n{self.log_tail()}"
             return
+
+        def installed() -> bool:
+            text = self.log_text()
+            if "outbox: cannot import" in text or "outbox: not switching" in text:
+                raise AssertionError(f"the plugin left Airflow's manager\n{self.log_tail()}")
+            return REBOUND.format(self.manager_class) in text
+
         self.wait_for(
-            f"the plugin to install {self.manager_class}",
-            lambda: REBOUND.format(self.manager_class) in self.log_text(),
-            within=60,
-            alive=True,
+            f"the plugin to install {self.manager_class}", installed, within=60, alive=True
         )
 
     def calls(self) -> list[dict[str, Any]]:
