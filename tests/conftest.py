@@ -28,7 +28,9 @@ from outbox.migrate import migrate
 from tests.streams import reset_doubles
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator, Callable, Iterator
+
+    from tests.airflow_triggerer import AirflowSite, Triggerer
 
 
 def dsn(host: str, port: int | str, user: str, dbname: str, password: str | None = None) -> str:
@@ -194,3 +196,74 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+# --- Airflow's real triggerer (tests/airflow_triggerer.py) ----------------------------------
+# Figures the Airflow triggerer tests measured, printed at the end of the run (CI shows them).
+AIRFLOW_FIGURES: list[str] = []
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.failed:
+        item.stash[_CALL_FAILED] = True
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if AIRFLOW_FIGURES:
+        terminalreporter.section("airflow triggerer figures")
+        for line in AIRFLOW_FIGURES:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def airflow_site(
+    postgresql_server: Any, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AirflowSite]:
+    """This checkout's wheel installed for Airflow's processes, and a migrated template
+    metadata database (once per session)."""
+    from tests.airflow_triggerer import PgServer, start_site, stop_site
+
+    pg = PgServer(
+        postgresql_server.host,
+        int(postgresql_server.port),
+        postgresql_server.user,
+        postgresql_server.password or None,
+    )
+    site = start_site(pg, kafka_bootstrap, tmp_path_factory.mktemp("airflow"))
+    AIRFLOW_FIGURES.append(
+        f"session set-up: wheel build + install {site.seconds['wheel']:.1f}s,"
+        f" airflow db migrate {site.seconds['migrate']:.1f}s"
+    )
+    try:
+        yield site
+    finally:
+        stop_site(site)
+
+
+@pytest.fixture
+def airflow_triggerer(
+    airflow_site: AirflowSite, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Triggerer]]:
+    """``airflow_triggerer(manager=..., assets=2, partitions=2, env={...})`` sets up a
+    :class:`tests.airflow_triggerer.Triggerer` (not started); every one made is killed and its
+    database dropped after the test, with its log's tail printed if the test failed."""
+    from tests.airflow_triggerer import MANAGERS, Triggerer
+
+    made: list[Triggerer] = []
+
+    def make(*, manager: str = "airflow", **kwargs: Any) -> Triggerer:
+        url = request.getfixturevalue("database_url") if MANAGERS.get(manager) else None
+        tr = Triggerer(airflow_site, tmp_path, manager=manager, outbox_database_url=url, **kwargs)
+        made.append(tr)
+        tr.setup()
+        return tr
+
+    yield make
+    for tr in made:
+        if request.node.stash.get(_CALL_FAILED, False):
+            sys.stderr.write(f"\n{tr.log_tail(120)}\n")
+        tr.close()
