@@ -207,11 +207,13 @@ class StreamGroup:
         if subscriber.task is not None:
             subscriber.task.cancel()
         if classify and self.ack_mode:
+            gates = subscriber.gates or {}
             for event_id in [e for e, owed in self.outstanding.items() if subscriber.name in owed]:
                 if event_id == subscriber.window:
-                    self._close_window_on_leave(subscriber)
-                else:
+                    self.close_window(subscriber)
+                elif event_id not in gates:
                     self.resolve(subscriber, event_id, FAILED, "unsubscribed before pulling")
+                # else pulled, its trigger events not yet confirmed: acked once they are
         subscriber.raw.items.clear()
         self.resume.set()
         self._retire(subscriber, end_output=not self.host.persist_gated)
@@ -230,24 +232,17 @@ class StreamGroup:
         def after_resolutions(_: Any) -> None:
             if end_output:
                 self.host.release(subscriber, None)
-            if registration is not None:
-                writer.unregister([registration])
-                self.departed.pop(registration, None)
+            if registration is None:
+                return
+            if subscriber.gates:
+                # Inside Airflow: events it moved past resolve once Airflow confirms them;
+                # the registration stays until then (or until they time out).
+                subscriber.leaving = registration
+                return
+            writer.unregister([registration])
+            self.departed.pop(registration, None)
 
         writer.after_pending(after_resolutions)
-
-    def _close_window_on_leave(self, subscriber: Subscriber) -> None:
-        if subscriber.gates is None:
-            self.close_window(subscriber)
-            return
-        # Inside Airflow: acked once every trigger event bound to it is confirmed.
-        event_id = subscriber.window
-        assert event_id is not None
-        subscriber.window = None
-        gate = subscriber.gates.get(event_id)
-        if gate is not None:
-            gate.closed = True
-            self.complete(subscriber, event_id, gate)
 
     # -- binding windows and resolution ------------------------------------------------------
 
@@ -260,6 +255,10 @@ class StreamGroup:
             if gate is not None:
                 gate.closed = True
                 self.complete(subscriber, event_id, gate)
+            elif not subscriber.window_rejected:
+                self.resolve(subscriber, event_id, ACKED, None)  # it bound nothing: filtered
+            subscriber.window_records.clear()
+            subscriber.window_events.clear()
             return
         events, records = subscriber.window_events, subscriber.window_records
         if not subscriber.window_rejected:
@@ -274,6 +273,19 @@ class StreamGroup:
             assert subscriber.gates is not None
             subscriber.gates.pop(event_id, None)
             self.resolve(subscriber, event_id, ACKED, None, gate.records)
+            if subscriber.leaving is not None and not subscriber.gates:
+                registration, subscriber.leaving = subscriber.leaving, None
+                writer = self.host.writer
+                writer.after_pending(lambda _: writer.unregister([registration]))
+
+    def can_bind(self, subscriber: Subscriber) -> bool:
+        """Inside Airflow: whether a trigger event yielded now binds to an event (the open
+        window's, while the subscriber still owes it)."""
+        event_id = subscriber.window
+        if event_id is None or subscriber.window_rejected or subscriber.gates is None:
+            return False
+        owed = self.outstanding.get(event_id)
+        return owed is not None and subscriber.name in owed
 
     def reject(self, subscriber: Subscriber) -> None:
         event_id = subscriber.window
@@ -297,15 +309,11 @@ class StreamGroup:
             subscriber.gates.pop(event_id, None)
         self.resolve(subscriber, event_id, REJECTED, "rejected by the filter")
 
-    def bind(self, subscriber: Subscriber, seq: int) -> bool:
-        """Inside Airflow: bind a trigger event (Airflow's ``seq``) to the open window; False
-        when there is none to bind to (rejected, failed, between events)."""
+    def bind(self, subscriber: Subscriber, seq: int) -> None:
+        """Inside Airflow: bind a trigger event (Airflow's ``seq``) to the open window's event
+        (``can_bind`` said there is one), with what the filter yielded since the last bind."""
         event_id = subscriber.window
-        if event_id is None or subscriber.window_rejected or subscriber.gates is None:
-            return False
-        owed = self.outstanding.get(event_id)
-        if owed is None or subscriber.name not in owed:
-            return False
+        assert event_id is not None and subscriber.gates is not None
         gate = subscriber.gates.get(event_id)
         if gate is None:
             gate = subscriber.gates[event_id] = PersistGate()
@@ -314,7 +322,15 @@ class StreamGroup:
             gate.records.extend(subscriber.window_records)
             subscriber.window_records.clear()
             subscriber.window_events.clear()
-        return True
+
+    def log_unkept(self, subscriber: Subscriber, error: Exception) -> None:
+        """Inside Airflow: a trigger event that outbox cannot keep as a record (Airflow stores
+        it all the same)."""
+        log.warning(
+            "trigger event not kept in the outbox (%s); Airflow stores it",
+            str(error).splitlines()[0][:300] if str(error) else type(error).__name__,
+            extra={"trigger_id": subscriber.trigger_id, "stream": repr(self.key)},
+        )
 
     def on_trigger_event(self, subscriber: Subscriber, trigger_event: Any) -> None:
         """A trigger event the subscriber's filter yielded (outbox's API, or Airflow's runner

@@ -22,7 +22,62 @@ __all__ = (
     "advances_from_consumer",
     "is_base_event_trigger",
     "open_airflow_reject_window",
+    "register_event_key",
 )
+
+# Event identities for producers written for Airflow (whose API has no ``get_event_key``), by
+# the producer's class path: ``register_event_key``, and the Kafka provider's built in.
+_EVENT_KEYS: dict[str, Callable[[Any], str | None]] = {}
+_KAFKA_PROVIDER = "airflow.providers.apache.kafka.triggers.shared_stream.KafkaSharedStreamProducer"
+
+
+def register_event_key(producer_class: type | str, key: Callable[[Any], str | None]) -> None:
+    """Give a producer written for Airflow an event identity: ``key(broker_payload)`` returns a
+    stable text (or None) for a message across redeliveries, so that a redelivered message goes
+    only to the subscribers that had not resolved it. ``producer_class``: the class or its
+    dotted path; subclasses inherit it. (Inside Airflow's triggerer: ``[outbox] event_keys``.)"""
+    path = (
+        producer_class
+        if isinstance(producer_class, str)
+        else f"{producer_class.__module__}.{producer_class.__qualname__}"
+    )
+    _EVENT_KEYS[path] = key
+
+
+def _kafka_provider_key(payload: Any) -> str | None:
+    """The Kafka provider's ``KafkaBrokerPayload``: ``topic:partition:offset``."""
+    return f"{payload.topic}:{payload.partition}:{payload.offset}"
+
+
+def _event_key_of(inner: Any) -> Callable[[Any], str | None] | None:
+    method = getattr(inner, "get_event_key", None)
+    if method is not None:
+        return method  # type: ignore[no-any-return]
+    for klass in type(inner).__mro__:
+        found = _EVENT_KEYS.get(f"{klass.__module__}.{klass.__qualname__}")
+        if found is not None:
+            return found
+        if f"{klass.__module__}.{klass.__qualname__}" == _KAFKA_PROVIDER:
+            return _kafka_provider_key
+    return None
+
+
+def _offset_runs(batch: Sequence[AdvanceItem]) -> list[Sequence[AdvanceItem]]:
+    """A lane's batch cut where the payloads' offsets stop increasing: a message read again
+    (after a seek back) starts a batch of its own, so that a producer that lifts a held offset
+    only on a batch starting at or before it (the Kafka provider's floor) sees it start one."""
+    offsets = [getattr(item.broker_payload, "offset", None) for item in batch]
+    if not all(isinstance(o, int) for o in offsets):
+        return [batch]
+    runs: list[Sequence[AdvanceItem]] = []
+    start = 0
+    for i in range(1, len(batch)):
+        if offsets[i] <= offsets[i - 1]:  # type: ignore[operator]
+            runs.append(batch[start:i])
+            start = i
+    runs.append(batch[start:])
+    return runs
+
 
 _BASE_EVENT_TRIGGERS = {
     ("outbox.triggers", "BaseEventTrigger"),
@@ -41,21 +96,22 @@ class _ForeignProducer(SharedStreamProducer):
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
+        self._event_key = _event_key_of(inner)
 
     def open_stream(self) -> AsyncIterator[tuple[Any, Any]]:
         stream: AsyncIterator[tuple[Any, Any]] = self.inner.open_stream()
         return stream
 
     async def advance(self, batch: Sequence[AdvanceItem]) -> None:
-        await self.inner.advance(batch)
+        for run in _offset_runs(batch):
+            await self.inner.advance(run)
 
     def get_advance_lane(self, broker_payload: Any) -> Hashable:
         lane: Hashable = self.inner.get_advance_lane(broker_payload)
         return lane
 
     def get_event_key(self, broker_payload: Any) -> str | None:
-        method = getattr(self.inner, "get_event_key", None)
-        return None if method is None else method(broker_payload)
+        return None if self._event_key is None else self._event_key(broker_payload)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

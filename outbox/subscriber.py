@@ -130,6 +130,9 @@ class Subscriber:
     uncommitted: deque[TriggerEvent] = field(default_factory=deque)
     # Inside Airflow's triggerer, per event moved past (or open) and not yet resolved.
     gates: dict[int, PersistGate] | None = None
+    # Inside Airflow: the registration of a subscriber that left while Airflow had not yet
+    # confirmed events it moved past; removed once they resolve.
+    leaving: int | None = None
     failed: bool = False
     detached: bool = False
     ended: bool = False
