@@ -3,43 +3,78 @@ commits each partition's offsets only over events every subscriber resolved, rou
 failures by policy (dead-letter topic, drop, hold).
 
 The lane of a message is ``(topic, partition)``; its identity is ``"topic:partition:offset"``, so
-a message read again after a restart goes only to the subscribers that still owe it.
+a message read again goes only to the subscribers that still owe it.
 
-Holding: a message that is held (by default: one a subscriber failed, or that nobody was
-subscribed to) is not committed past. Later messages of its partition are still handled, but the
-partition's committed offset stays at the held message until the consumer reads it again on its
-next start and every subscriber that owes it resolves it; then commits move on.
-Each ``advance`` moves the partition's commit from its committed offset (read from Kafka, or the
-partition's first offset) past every message handled so far, whatever the order its lane
-delivered them in: after a restart a lane can carry messages read again after later ones. The
-handled messages above a hold are remembered in memory; a committer that restarts meanwhile
-forgets them, and the partition then moves on once the triggerer reads them again. Topics with
-offset gaps (compaction, transactions) need ``contiguous_offsets=False``, which commits past
-each batch's highest offset and keeps holds in memory only.
+Commits. Each ``advance`` moves the partition's commit from its committed offset (read from
+Kafka, or the partition's first offset) past every message handled so far, whatever the order
+its lane delivered them in: after a restart a lane can carry messages read again after later
+ones. The handled offsets above the commit are kept as sorted disjoint ranges, merged as they
+arrive, so an advance costs time and memory in proportion to its batch and to the ranges in
+flight (one range after a hold, however many messages follow it), not to history. A committed
+offset below the log start (retention deleted those records) is moved to the log start, with
+one warning line. Topics with offset gaps (compaction, transactions) need
+``contiguous_offsets=False``, which commits past each batch's highest offset and keeps holds in
+memory only.
+
+Holds. A message that is held (by default: one a subscriber failed, or that nobody was
+subscribed to) is not committed past; later messages of its partition are still handled. The
+partition's commit is *held at* the first offset it cannot pass while later messages were
+handled: ``describe_hold(lane)`` names that message, the committer records it on the lane with
+the time it began (``outbox status``, the ``outbox_lane_held_seconds`` metric), and ``outbox
+prune`` keeps the lane's events from the held message on, which deduplicate its re-reading.
+
+Redelivery. A held message is read again, and the commit moves on as soon as it is resolved:
+
+* When ``advance`` runs on the producer that reads (the manager's in-process committer uses the
+  stream's own producer), the reader seeks back to each held offset ``redelivery_delay``
+  seconds after the hold (0: at once, as Airflow's Kafka provider does), hands out that message
+  again and only it, then seeks forward to where it had read. A message held again waits longer
+  each time (doubling from a second up to a minute, or ``redelivery_delay`` if that is longer),
+  so one that nobody takes does not spin.
+* When a separate ``outbox committer`` advances, the reader cannot see the holds. It reads the
+  group's committed offsets every ``redelivery_delay / 4`` seconds (at most 5 s), and when a
+  partition's commit has stayed at one offset for ``redelivery_delay`` (at least a second)
+  while it has read past it, it reads the partition again from the committed offset up to
+  where it had read. That also teaches a restarted committer the handled offsets it forgot.
+
+Whatever is read again is deduplicated by identity: subscribers that accepted or rejected a
+message are not handed it again, a subscriber still working on it is not handed it twice, and
+the rest (those that failed it and subscribed again, those that were not subscribed) get it. A
+subscriber that fails is detached, so the delay is also the time it has to subscribe again
+before the message comes back without it. Seen from a separate process, a subscriber slower
+than ``redelivery_delay`` on one message looks like a hold: its partition is read again, which
+costs re-recording the messages, never a delivery; keep the delay above the time a subscriber
+takes on a message.
+
+Message values are opaque here: ``decode`` turns them into raw events (by default JSON, else
+text), and nothing else reads them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import json
 import logging
 from collections import deque
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from outbox.core import backoff_delay
 from outbox.protocol import AdvanceItem, AdvanceOutcome, SharedStreamProducer
 from outbox.triggers import BaseEventTrigger, TriggerEvent
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Hashable, Sequence
+    from collections.abc import AsyncIterator, Hashable, Iterator, Sequence
 
 __all__ = (
     "DeadLetterFlood",
     "KafkaSharedStreamProducer",
     "KafkaSharedTrigger",
+    "OffsetRanges",
     "RoutingPolicy",
 )
 
@@ -59,7 +94,7 @@ class RoutingPolicy:
 
     :param rejected: ``"dead-letter"`` (produce to the dead-letter topic, commit past) or
         ``"drop"`` (commit past).
-    :param failed: ``"hold"`` (do not commit past; read again on the next start) or
+    :param failed: ``"hold"`` (do not commit past; read again, see the module's docstring) or
         ``"dead-letter"``.
     :param unsubscribed: for an event nobody was subscribed to: ``"hold"`` or ``"commit"``.
     :param flood_run: stall the lane when this many consecutive events would be dead-lettered.
@@ -150,6 +185,164 @@ class _FloodGuard:
         self.run[lane] = run
 
 
+class OffsetRanges:
+    """A set of offsets kept as sorted, disjoint, half-open ranges ``[start, end)``, merged as
+    they are added: a million consecutive offsets take one range."""
+
+    __slots__ = ("_ends", "_starts")
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def __len__(self) -> int:
+        """How many ranges (not offsets)."""
+        return len(self._starts)
+
+    def __bool__(self) -> bool:
+        return bool(self._starts)
+
+    def __contains__(self, offset: object) -> bool:
+        if not isinstance(offset, int):
+            return False
+        i = bisect.bisect_right(self._starts, offset) - 1
+        return i >= 0 and offset < self._ends[i]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(zip(self._starts, self._ends, strict=True))
+
+    def __repr__(self) -> str:
+        return f"OffsetRanges({list(self)!r})"
+
+    def add(self, start: int, end: int) -> None:
+        """Add the offsets ``start <= o < end``."""
+        if start >= end:
+            return
+        starts, ends = self._starts, self._ends
+        if not starts or start > ends[-1]:  # the usual case: past everything held
+            starts.append(start)
+            ends.append(end)
+            return
+        first = bisect.bisect_left(ends, start)  # ranges that end at or after start touch it
+        last = bisect.bisect_right(starts, end)  # ... and those that start at or before end
+        if first < last:
+            start = min(start, starts[first])
+            end = max(end, ends[last - 1])
+        starts[first:last] = [start]
+        ends[first:last] = [end]
+
+    def discard(self, start: int, end: int) -> None:
+        """Remove the offsets ``start <= o < end``."""
+        if start >= end or not self._starts:
+            return
+        starts, ends = self._starts, self._ends
+        first = bisect.bisect_right(ends, start)  # ranges that end after start
+        last = bisect.bisect_left(starts, end)  # ... and start before end
+        if first >= last:
+            return
+        kept_starts: list[int] = []
+        kept_ends: list[int] = []
+        if starts[first] < start:
+            kept_starts.append(starts[first])
+            kept_ends.append(start)
+        if ends[last - 1] > end:
+            kept_starts.append(end)
+            kept_ends.append(ends[last - 1])
+        starts[first:last] = kept_starts
+        ends[first:last] = kept_ends
+
+    def discard_below(self, offset: int) -> None:
+        """Remove every offset below ``offset``."""
+        if self._starts and self._starts[0] < offset:
+            self.discard(self._starts[0], offset)
+
+    def first(self) -> int | None:
+        return self._starts[0] if self._starts else None
+
+    def end_of_run(self, offset: int) -> int:
+        """The first offset at or after ``offset`` that is not in the set."""
+        i = bisect.bisect_right(self._starts, offset) - 1
+        return self._ends[i] if i >= 0 and offset < self._ends[i] else offset
+
+
+@dataclass(slots=True)
+class _Commits:
+    """What ``advance`` knows of one partition: the handled offsets above its commit, the held
+    ones (with how often each was held in this run), and where the commit is held."""
+
+    handled: OffsetRanges = field(default_factory=OffsetRanges)
+    held: dict[int, int] = field(default_factory=dict)
+    held_at: int | None = None
+    remembered: int | None = None  # with contiguous_offsets=False: the lowest held offset
+
+    def note(self, offsets: Sequence[int], routes: Sequence[str]) -> list[int]:
+        """Record a batch: handled offsets join their ranges (a run of consecutive ones at a
+        time), held ones are counted. Returns the batch's held offsets."""
+        held_now: list[int] = []
+        held = self.held
+        run_start = run_end = -1
+        for offset, route in zip(offsets, routes, strict=True):
+            if route == "hold":
+                held[offset] = held.get(offset, 0) + 1
+                held_now.append(offset)
+                continue
+            if held:
+                held.pop(offset, None)
+            if offset == run_end:
+                run_end += 1
+                continue
+            self.handled.add(run_start, run_end)
+            run_start, run_end = offset, offset + 1
+        self.handled.add(run_start, run_end)
+        return held_now
+
+    def reach(self, base: int) -> int:
+        """The commit target from ``base``: past every handled offset that follows it without a
+        gap. Forgets what lies below the target and notes where the commit is held (at the
+        target, when later offsets were handled or held)."""
+        target = self.handled.end_of_run(base)
+        self.handled.discard_below(target)
+        if self.held:
+            for offset in [o for o in self.held if o < target]:
+                del self.held[offset]
+        self.held_at = target if self.handled or self.held else None
+        return target
+
+
+@dataclass(slots=True)
+class _Reading:
+    """What the reader of one partition handed out, and what it must hand out again."""
+
+    start: int  # the first offset this reader read from
+    read_to: int  # one past the highest offset handed out
+    fetch_at: int  # where the consumer fetches next, as far as this reader positioned it
+    again: OffsetRanges = field(default_factory=OffsetRanges)  # below read_to, to hand out again
+    due: dict[int, float] = field(default_factory=dict)  # held offsets, when to hand them out
+    advanced_here: bool = False  # this producer instance advances the partition too
+    commit_seen: int | None = None  # the group's committed offset as last read ...
+    commit_seen_since: float = 0.0  # ... and since when it has not moved
+
+    def take(self, offset: int) -> bool:
+        """Whether the message at ``offset`` is handed out: it is new, or to be read again."""
+        if offset < self.fetch_at:
+            return False  # fetched before a seek (aiokafka drops those itself)
+        if self.again:
+            self.again.discard(self.fetch_at, offset)  # skipped by the log: not there any more
+        self.fetch_at = offset + 1
+        if offset >= self.read_to:
+            self.read_to = offset + 1
+            return True
+        if offset in self.again:
+            self.again.discard(offset, offset + 1)
+            return True
+        return False
+
+    def next_fetch(self) -> int:
+        """Where to fetch next: the first offset to hand out again, else where reading stopped."""
+        first = self.again.first()
+        return self.read_to if first is None else first
+
+
 class KafkaSharedStreamProducer(SharedStreamProducer):
     """Reads ``topics`` (all their partitions, or ``partitions``) by manual assignment, from
     the group's committed offsets, and advances by cumulative per-partition commits.
@@ -161,6 +354,8 @@ class KafkaSharedStreamProducer(SharedStreamProducer):
     :param partitions: ``{topic: [partition, ...]}`` to read a subset.
     :param dead_letter_topic: where rejected (and, by policy, failed) messages go.
     :param policy: a ``RoutingPolicy``.
+    :param redelivery_delay: seconds before a held message is read again (see the module's
+        docstring); 0 reads it again at once when the reading producer advances.
     :param consumer_options: more ``AIOKafkaConsumer`` options; ``enable_auto_commit`` must
         stay ``False``.
     """
@@ -175,6 +370,7 @@ class KafkaSharedStreamProducer(SharedStreamProducer):
         dead_letter_topic: str | None = None,
         policy: RoutingPolicy | None = None,
         contiguous_offsets: bool = True,
+        redelivery_delay: float = 30.0,
         consumer_options: dict[str, Any] | None = None,
         producer_options: dict[str, Any] | None = None,
         max_records: int = 500,
@@ -189,6 +385,10 @@ class KafkaSharedStreamProducer(SharedStreamProducer):
             raise ValueError("KafkaSharedStreamProducer needs at least one topic")
         if not group_id:
             raise ValueError("KafkaSharedStreamProducer needs a group_id to commit offsets to")
+        if not redelivery_delay >= 0:
+            raise ValueError(
+                f"redelivery_delay must be a number of seconds >= 0, got {redelivery_delay!r}"
+            )
         if policy is None:
             policy = RoutingPolicy(rejected="dead-letter" if dead_letter_topic else "drop")
         if dead_letter_topic is None and "dead-letter" in (policy.rejected, policy.failed):
@@ -203,14 +403,15 @@ class KafkaSharedStreamProducer(SharedStreamProducer):
         self.partitions = partitions
         self.dead_letter_topic = dead_letter_topic
         self.contiguous_offsets = contiguous_offsets
+        self.redelivery_delay = float(redelivery_delay)
         self.consumer_options = options
         self.producer_options = dict(producer_options or {})
         self.max_records = max_records
         self._reader: AIOKafkaConsumer | None = None
         self._committer: AIOKafkaConsumer | None = None
         self._dead_letters: AIOKafkaProducer | None = None
-        self._holds: dict[TopicPartition, int] = {}
-        self._handled: dict[TopicPartition, set[int]] = {}
+        self._commits: dict[TopicPartition, _Commits] = {}
+        self._reading: dict[TopicPartition, _Reading] = {}
         self._guard = _FloodGuard(self.policy)
 
     # -- reading --------------------------------------------------------------------------
@@ -236,23 +437,54 @@ class KafkaSharedStreamProducer(SharedStreamProducer):
             assignment += [TopicPartition(topic, p) for p in sorted(found)]
         return assignment
 
+    @property
+    def _stuck_after(self) -> float:
+        """How long a commit another process makes may stay behind the reader (at least a
+        second: this reader cannot tell a hold from a resolution under way)."""
+        return max(1.0, self.redelivery_delay)
+
+    @property
+    def _check_commits_every(self) -> float:
+        """How often a reader whose partitions another process advances reads their commits."""
+        return min(5.0, self._stuck_after / 4)
+
     async def open_stream(self) -> AsyncIterator[tuple[Any, Any]]:
         consumer = self._consumer()
         await consumer.start()
         self._reader = consumer
         assignment = await self._assignment(consumer)
         consumer.assign(assignment)
+        log_starts = await consumer.beginning_offsets(assignment)
+        loop = asyncio.get_running_loop()
         for tp in assignment:
             committed = await consumer.committed(tp)
-            if committed is not None:
-                consumer.seek(tp, committed)
-            else:
-                await consumer.seek_to_beginning(tp)
+            # Below the log start the records are gone (retention): the commit moves there
+            # with the first advance, which says so.
+            start = log_starts[tp] if committed is None else max(committed, log_starts[tp])
+            consumer.seek(tp, start)
+            self._reading[tp] = _Reading(
+                start=start,
+                read_to=start,
+                fetch_at=start,
+                commit_seen=start,
+                commit_seen_since=loop.time(),
+            )
         keep_message = self.dead_letter_topic is not None
+        poll_ms = int(min(1.0, self._check_commits_every) * 1000)
+        next_commit_check = loop.time() + self._check_commits_every
         while True:
-            batches = await consumer.getmany(timeout_ms=1000, max_records=self.max_records)
+            now = loop.time()
+            self._release_due(now)
+            if now >= next_commit_check:
+                next_commit_check = now + self._check_commits_every
+                await self._read_again_where_stuck(consumer, now)
+            self._position(consumer)
+            batches = await consumer.getmany(timeout_ms=poll_ms, max_records=self.max_records)
             for tp in sorted(batches):
+                reading = self._reading[tp]
                 for message in batches[tp]:
+                    if not reading.take(message.offset):
+                        continue
                     payload: dict[str, Any] = {
                         "topic": message.topic,
                         "partition": message.partition,
@@ -264,6 +496,50 @@ class KafkaSharedStreamProducer(SharedStreamProducer):
                         payload["headers"] = [[k, _b64(v)] for k, v in message.headers or ()]
                     yield self.decode(message.value), payload
 
+    def _release_due(self, now: float) -> None:
+        """Held offsets whose redelivery is due join the offsets to read again."""
+        for reading in self._reading.values():
+            if not reading.due:
+                continue
+            for offset in [o for o, when in reading.due.items() if when <= now]:
+                del reading.due[offset]
+                if offset < reading.read_to:  # otherwise it is still to be read anyway
+                    reading.again.add(offset, offset + 1)
+
+    async def _read_again_where_stuck(self, consumer: AIOKafkaConsumer, now: float) -> None:
+        """For partitions another process advances: read again from the committed offset when
+        it has not moved for ``redelivery_delay`` (at least a second) while this reader has read
+        past it."""
+        for tp, reading in self._reading.items():
+            if reading.advanced_here:
+                continue  # its holds come to this reader directly
+            committed = await consumer.committed(tp)
+            at = reading.start if committed is None else max(committed, reading.start)
+            if at != reading.commit_seen:
+                reading.commit_seen, reading.commit_seen_since = at, now
+                continue
+            if at < reading.read_to and now - reading.commit_seen_since >= self._stuck_after:
+                log.info(
+                    "Kafka partition %s:%d committed at %d for %.0fs while read to %d: "
+                    "reading it again from there",
+                    tp.topic,
+                    tp.partition,
+                    at,
+                    now - reading.commit_seen_since,
+                    reading.read_to,
+                )
+                reading.again.add(at, reading.read_to)
+                reading.commit_seen_since = now
+
+    def _position(self, consumer: AIOKafkaConsumer) -> None:
+        """Seek each partition to where it must be read next, when that moved: back to an
+        offset to read again, or forward past what was already read."""
+        for tp, reading in self._reading.items():
+            wanted = reading.next_fetch()
+            if wanted != reading.fetch_at:
+                consumer.seek(tp, wanted)
+                reading.fetch_at = wanted
+
     def decode(self, value: bytes | None) -> Any:
         """The raw event subscribers see for a message value (default: JSON, else text)."""
         return decode_value(value)
@@ -273,6 +549,15 @@ class KafkaSharedStreamProducer(SharedStreamProducer):
 
     def get_event_key(self, broker_payload: Any) -> str | None:
         return f"{broker_payload['topic']}:{broker_payload['partition']}:{broker_payload['offset']}"
+
+    def describe_hold(self, lane: Hashable) -> str | None:
+        """The identity of the message this partition's commit is held at (later messages were
+        handled, this one not yet: held by the policy, or not advanced here), else ``None``."""
+        topic, partition = cast("tuple[str, int]", lane)
+        commits = self._commits.get(TopicPartition(topic, partition))
+        if commits is None or commits.held_at is None:
+            return None
+        return f"{topic}:{partition}:{commits.held_at}"
 
     # -- advancing --------------------------------------------------------------------------
 
@@ -300,7 +585,8 @@ class KafkaSharedStreamProducer(SharedStreamProducer):
 
     async def advance(self, batch: Sequence[AdvanceItem]) -> None:
         """Dead-letter what the policy says, flush, then commit the partition up to the first
-        held message (or past the batch), never backwards and never past a hold."""
+        held message (or past the batch), never backwards and never past a hold; schedule the
+        held messages to be read again when this producer is the one reading."""
         if not batch:
             return
         first = batch[0].broker_payload
@@ -325,57 +611,89 @@ class KafkaSharedStreamProducer(SharedStreamProducer):
         offsets = [int(item.broker_payload["offset"]) for item in batch]
         consumer = await self._commit_client(tp)
         committed = await consumer.committed(tp)
+        commits = self._commits.setdefault(tp, _Commits())
+        was_held_at = commits.held_at
+        floor = committed  # commits move above this only
         if self.contiguous_offsets:
-            if committed is None:
-                committed = (await consumer.beginning_offsets([tp]))[tp]
-            target, held = self._contiguous_target(tp, offsets, routes, committed)
+            held_now = commits.note(offsets, routes)
+            if floor is None:
+                floor = (await consumer.beginning_offsets([tp]))[tp]
+            target = await self._contiguous_target(consumer, tp, commits, floor)
         else:
-            target, held = self._remembered_target(tp, offsets, routes)
-        if held is not None:
-            log.info("Kafka partition held", extra={"lane": lane, "offset": held})
-        if committed is None or target > committed:
+            held_now = commits.note(offsets, routes)
+            commits.handled = OffsetRanges()  # the target does not depend on them here
+            target = self._remembered_target(commits, offsets, routes)
+        if commits.held_at is not None and commits.held_at != was_held_at:
+            log.info("Kafka partition %s:%d held at offset %d", *lane, commits.held_at)
+        if floor is None or target > floor:
             await consumer.commit({tp: target})
             await self.on_commit(tp.topic, tp.partition, target, committed)
         self._guard.record(lane, dead)
+        self._schedule_redelivery(tp, commits, offsets, held_now)
 
-    def _contiguous_target(
-        self, tp: TopicPartition, offsets: Sequence[int], routes: Sequence[str], committed: int
-    ) -> tuple[int, int | None]:
-        """The partition's next commit: from the committed offset, past every message handled
-        (in this batch or an earlier one, in any order: after a restart a lane can carry
-        messages read again after later ones), up to the first that is not, which may be held.
-        Returns ``(target, held)``."""
-        handled = self._handled.setdefault(tp, set())
-        held = set()
-        for offset, route in zip(offsets, routes, strict=True):
-            if route == "hold":
-                held.add(offset)
-            else:
-                handled.add(offset)
-        target = committed
-        while target in handled:
-            target += 1
-        self._handled[tp] = {o for o in handled if o > target}
-        return target, target if target in held else None
+    async def _contiguous_target(
+        self,
+        consumer: AIOKafkaConsumer,
+        tp: TopicPartition,
+        commits: _Commits,
+        committed: int,
+    ) -> int:
+        """The partition's next commit: from the committed offset (or the log start, if
+        retention deleted the records it points at) past every message handled, in this batch
+        or an earlier one, up to the first that is not."""
+        target = commits.reach(committed)
+        if target == committed and commits.handled and committed not in commits.held:
+            # Stuck on an offset nobody handed here: it may be gone from the log.
+            log_start = (await consumer.beginning_offsets([tp]))[tp]
+            if log_start > committed:
+                log.warning(
+                    "Kafka partition %s:%d: committed offset %d is below the log start %d "
+                    "(retention deleted those records); moving the commit to the log start",
+                    tp.topic,
+                    tp.partition,
+                    committed,
+                    log_start,
+                )
+                target = commits.reach(log_start)
+        return target
 
-    def _remembered_target(
-        self, tp: TopicPartition, offsets: Sequence[int], routes: Sequence[str]
-    ) -> tuple[int, int | None]:
+    @staticmethod
+    def _remembered_target(commits: _Commits, offsets: Sequence[int], routes: Sequence[str]) -> int:
         """Without contiguous offsets: past the highest offset of the batch, or up to its
         lowest held one, and never past a hold remembered from an earlier batch until that
         message is handled again."""
         held_offsets = [o for o, r in zip(offsets, routes, strict=True) if r == "hold"]
-        remembered = self._holds.get(tp)
+        remembered = commits.remembered
         if remembered is not None and any(
             o == remembered and r != "hold" for o, r in zip(offsets, routes, strict=True)
         ):
             remembered = None  # read again and handled this time
         holds = [*held_offsets, *([remembered] if remembered is not None else [])]
-        if holds:
-            self._holds[tp] = min(holds)
-            return min(holds), min(held_offsets) if held_offsets else None
-        self._holds.pop(tp, None)
-        return max(offsets) + 1, None
+        commits.remembered = commits.held_at = min(holds) if holds else None
+        return min(holds) if holds else max(offsets) + 1
+
+    def _schedule_redelivery(
+        self, tp: TopicPartition, commits: _Commits, offsets: Sequence[int], held: list[int]
+    ) -> None:
+        """When this producer also reads the partition: have the held messages read again
+        (each repeat of one waits longer), and drop what is due for messages handled now."""
+        reading = self._reading.get(tp) if self._reader is not None else None
+        if reading is None:
+            return
+        reading.advanced_here = True
+        if reading.due:
+            for offset in offsets:
+                if offset not in commits.held:
+                    reading.due.pop(offset, None)
+        if not held:
+            return
+        now = asyncio.get_running_loop().time()
+        for offset in held:
+            if offset not in commits.held:
+                continue  # committed past meanwhile
+            repeats = commits.held[offset] - 1
+            wait = max(self.redelivery_delay, backoff_delay(repeats, base=1.0, cap=60.0))
+            reading.due[offset] = now + wait
 
     async def on_commit(
         self, topic: str, partition: int, offset: int, previous: int | None
@@ -410,6 +728,7 @@ class KafkaSharedStreamProducer(SharedStreamProducer):
                     log.warning("closing a Kafka client failed", exc_info=True)
         self._reader = self._committer = None
         self._dead_letters = None
+        self._reading.clear()
 
 
 class KafkaSharedTrigger(BaseEventTrigger):
@@ -417,7 +736,8 @@ class KafkaSharedTrigger(BaseEventTrigger):
     ``filter_shared_stream``; everything broker-side is done.
 
     Keyword arguments are those of ``KafkaSharedStreamProducer`` (JSON-serialisable, since
-    a separate committer rebuilds the producer from them), plus the routing policy as a dict.
+    a separate committer rebuilds the producer from them: ``consumer_options``,
+    ``producer_options``, ``redelivery_delay``), plus the routing policy as a dict.
     """
 
     def __init__(
@@ -464,6 +784,7 @@ class KafkaSharedTrigger(BaseEventTrigger):
         policy_options = options.pop("policy", None)
         policy = RoutingPolicy(**policy_options) if policy_options else None
         partitions = options.pop("partitions", None)
+        delay = options.pop("redelivery_delay", None)
         return KafkaSharedStreamProducer(
             options.pop("topics"),
             bootstrap_servers=options.pop("bootstrap_servers"),
@@ -473,6 +794,7 @@ class KafkaSharedTrigger(BaseEventTrigger):
             policy=policy,
             consumer_options=options.pop("consumer_options", None),
             producer_options=options.pop("producer_options", None),
+            **({} if delay is None else {"redelivery_delay": delay}),
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
