@@ -637,15 +637,20 @@ class SharedStreamManager:
         for event, raw in zip(events, raws, strict=True):
             if not event.deliver_to:
                 continue
-            # A redelivered identity may reuse an occurrence this stream still tracks.
+            # A redelivered identity may reuse an occurrence this stream still tracks: who owes
+            # it here has it already (and keeps its ack timeout).
             owed = stream.outstanding.get(event.event_id)
             if owed is None:
                 owed = stream.outstanding[event.event_id] = {}
+            elif all(name in owed for name in event.deliver_to):
+                continue
             stream.broadcast_at[event.event_id] = now
             # The whole snapshot is pending before anyone is handed the event, so that one
             # subscriber overflowing on it cannot empty (and drop) the entry the others owe.
             targets: list[_Subscriber] = []
             for name in event.deliver_to:
+                if name in owed:
+                    continue
                 subscriber = stream.subscribers.get(name)
                 if subscriber is None or subscriber.failed:
                     reason = (
