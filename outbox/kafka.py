@@ -146,43 +146,58 @@ def decode_value(value: bytes | None) -> Any:
 
 
 class _FloodGuard:
-    """Counts, per lane, the recent events that were dead-lettered."""
+    """Counts, per lane, the recent events that were dead-lettered (a running count over the
+    window: an advance costs its batch, not its batch times the window)."""
 
     def __init__(self, policy: RoutingPolicy) -> None:
         self.policy = policy
         self.run: dict[tuple[str, int], int] = {}
         self.window: dict[tuple[str, int], deque[bool]] = {}
+        self.dead: dict[tuple[str, int], int] = {}  # how many of the window were dead-lettered
 
     def check(self, lane: tuple[str, int], routes: Sequence[bool]) -> None:
         """Raise ``DeadLetterFlood`` if ``routes`` (True = dead-letter) would pass a limit."""
+        if not any(routes):
+            return  # nothing dead-lettered: both measures can only fall
+        policy = self.policy
         run = self.run.get(lane, 0)
-        window = deque(self.window.get(lane, ()), maxlen=self.policy.flood_window)
-        for dead in routes:
-            run = run + 1 if dead else 0
-            window.append(dead)
-            if self.policy.flood_run is not None and run >= self.policy.flood_run:
+        window = deque(self.window.get(lane, ()), maxlen=policy.flood_window)
+        dead = self.dead.get(lane, 0)
+        for is_dead in routes:
+            run = run + 1 if is_dead else 0
+            if len(window) == policy.flood_window:
+                dead -= window[0]
+            window.append(is_dead)
+            dead += is_dead
+            if policy.flood_run is not None and run >= policy.flood_run:
                 raise DeadLetterFlood(
                     f"lane {lane}: {run} consecutive events would be dead-lettered (limit "
-                    f"{self.policy.flood_run}); fix the subscribers, or raise flood_run"
+                    f"{policy.flood_run}); fix the subscribers, or raise flood_run"
                 )
             if (
-                self.policy.flood_ratio is not None
-                and len(window) == self.policy.flood_window
-                and sum(window) / len(window) > self.policy.flood_ratio
+                policy.flood_ratio is not None
+                and len(window) == policy.flood_window
+                and dead / len(window) > policy.flood_ratio
             ):
                 raise DeadLetterFlood(
-                    f"lane {lane}: {sum(window)} of the last {len(window)} events would be "
-                    f"dead-lettered (limit {self.policy.flood_ratio:.0%}); fix the subscribers, "
+                    f"lane {lane}: {dead} of the last {len(window)} events would be "
+                    f"dead-lettered (limit {policy.flood_ratio:.0%}); fix the subscribers, "
                     "or raise flood_ratio"
                 )
 
     def record(self, lane: tuple[str, int], routes: Sequence[bool]) -> None:
         run = self.run.get(lane, 0)
         window = self.window.setdefault(lane, deque(maxlen=self.policy.flood_window))
-        for dead in routes:
-            run = run + 1 if dead else 0
-            window.append(dead)
+        dead = self.dead.get(lane, 0)
+        full = self.policy.flood_window
+        for is_dead in routes:
+            run = run + 1 if is_dead else 0
+            if len(window) == full:
+                dead -= window[0]
+            window.append(is_dead)
+            dead += is_dead
         self.run[lane] = run
+        self.dead[lane] = dead
 
 
 class OffsetRanges:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -16,7 +18,13 @@ import sqlalchemy as sa
 from aiokafka import TopicPartition
 
 from outbox import LaneCommitter, SharedStreamManager, TriggerEvent
-from outbox.kafka import KafkaSharedStreamProducer, KafkaSharedTrigger
+from outbox.kafka import (
+    DeadLetterFlood,
+    KafkaSharedStreamProducer,
+    KafkaSharedTrigger,
+    RoutingPolicy,
+    _FloodGuard,
+)
 from outbox.metrics import CommitterMetrics
 from tests.invariants import settled, tally
 from tests.kafka_double import BrokerDouble, ProducerOnDouble
@@ -390,3 +398,42 @@ async def test_advancing_after_a_hold_keeps_one_range_whatever_follows() -> None
     early, late = sorted(times[:50])[25], sorted(times[-50:])[25]
     assert late < 3 * early + 0.001, (early, late)
     await producer.aclose()
+
+
+def test_the_flood_guard_counts_as_before_in_time_per_batch() -> None:
+    """Its running count raises exactly where summing the window each time did (the window is
+    counted incrementally now: summing it per message cost an advance its batch times 1,000)."""
+
+    def naive(policy: RoutingPolicy, history: list[bool], batch: list[bool]) -> bool:
+        run, window = 0, deque[bool](maxlen=policy.flood_window)
+        for is_dead in history:
+            run = run + 1 if is_dead else 0
+            window.append(is_dead)
+        for is_dead in batch:
+            run = run + 1 if is_dead else 0
+            window.append(is_dead)
+            assert policy.flood_run is not None and policy.flood_ratio is not None
+            if run >= policy.flood_run or (
+                len(window) == policy.flood_window
+                and sum(window) / len(window) > policy.flood_ratio
+            ):
+                return True
+        return False
+
+    rnd = random.Random(18)
+    policy = RoutingPolicy(rejected="drop", flood_run=12, flood_ratio=0.4, flood_window=50)
+    for _ in range(300):
+        guard = _FloodGuard(policy)
+        history: list[bool] = []
+        for _ in range(8):
+            share = rnd.choice((0.0, 0.2, 0.45, 0.7))
+            batch = [rnd.random() < share for _ in range(rnd.randrange(1, 40))]
+            expected = naive(policy, history, batch) and any(batch)
+            try:
+                guard.check(("t", 0), batch)
+            except DeadLetterFlood:
+                assert expected
+                break
+            assert not expected
+            guard.record(("t", 0), batch)
+            history += batch
