@@ -57,6 +57,7 @@ import base64
 import bisect
 import json
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -289,6 +290,7 @@ class _Commits:
     held: dict[int, int] = field(default_factory=dict)
     held_at: int | None = None
     remembered: int | None = None  # with contiguous_offsets=False: the lowest held offset
+    log_start_checked_at: int | None = None  # the committed offset last compared to it
 
     def note(self, offsets: Sequence[int], routes: Sequence[str]) -> list[int]:
         """Record a batch: handled offsets join their ranges (a run of consecutive ones at a
@@ -333,6 +335,7 @@ class _Reading:
     fetch_at: int  # where the consumer fetches next, as far as this reader positioned it
     again: OffsetRanges = field(default_factory=OffsetRanges)  # below read_to, to hand out again
     due: dict[int, float] = field(default_factory=dict)  # held offsets, when to hand them out
+    next_due: float = math.inf  # the earliest of those times
     advanced_here: bool = False  # this producer instance advances the partition too
     commit_seen: int | None = None  # the group's committed offset as last read ...
     commit_seen_since: float = 0.0  # ... and since when it has not moved
@@ -514,12 +517,13 @@ class KafkaSharedStreamProducer(SharedStreamProducer):
     def _release_due(self, now: float) -> None:
         """Held offsets whose redelivery is due join the offsets to read again."""
         for reading in self._reading.values():
-            if not reading.due:
+            if reading.next_due > now:
                 continue
             for offset in [o for o, when in reading.due.items() if when <= now]:
                 del reading.due[offset]
                 if offset < reading.read_to:  # otherwise it is still to be read anyway
                     reading.again.add(offset, offset + 1)
+            reading.next_due = min(reading.due.values(), default=math.inf)
 
     async def _read_again_where_stuck(self, consumer: AIOKafkaConsumer, now: float) -> None:
         """For partitions another process advances: read again from the committed offset when
@@ -657,8 +661,15 @@ class KafkaSharedStreamProducer(SharedStreamProducer):
         retention deleted the records it points at) past every message handled, in this batch
         or an earlier one, up to the first that is not."""
         target = commits.reach(committed)
-        if target == committed and commits.handled and committed not in commits.held:
-            # Stuck on an offset nobody handed here: it may be gone from the log.
+        if (
+            target == committed
+            and commits.handled
+            and committed not in commits.held
+            and committed != commits.log_start_checked_at
+        ):
+            # Stuck on an offset nobody handed here: it may be gone from the log (asked once
+            # per committed offset: the request can wait behind the consumer's fetches).
+            commits.log_start_checked_at = committed
             log_start = (await consumer.beginning_offsets([tp]))[tp]
             if log_start > committed:
                 log.warning(
@@ -709,6 +720,7 @@ class KafkaSharedStreamProducer(SharedStreamProducer):
             repeats = commits.held[offset] - 1
             wait = max(self.redelivery_delay, backoff_delay(repeats, base=1.0, cap=60.0))
             reading.due[offset] = now + wait
+            reading.next_due = min(reading.next_due, now + wait)
 
     async def on_commit(
         self, topic: str, partition: int, offset: int, previous: int | None
