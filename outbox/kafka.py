@@ -31,20 +31,19 @@ Redelivery. A held message is read again, and the commit moves on as soon as it 
   again and only it, then seeks forward to where it had read. A message held again waits longer
   each time (doubling from a second up to a minute, or ``redelivery_delay`` if that is longer),
   so one that nobody takes does not spin.
-* When a separate ``outbox committer`` advances, the reader cannot see the holds. It reads the
-  group's committed offsets every ``redelivery_delay / 4`` seconds (at most 5 s), and when a
-  partition's commit has stayed at one offset for ``redelivery_delay`` (at least a second)
-  while it has read past it, it reads the partition again from the committed offset up to
-  where it had read. That also teaches a restarted committer the handled offsets it forgot.
+* When a separate ``outbox committer`` advances, this reader learns of the hold from the lane
+  row where the committer recorded it: its manager reads the stream's holds every second and
+  calls ``on_hold_reported``. Once the hold is ``redelivery_delay`` old, the reader reads the
+  partition again from the held offset up to where it had read (everything: it cannot know
+  which of those were held too, nor what a restarted committer forgot), and again every
+  ``redelivery_delay`` while the hold stays there. A commit that is merely slow (a subscriber
+  still working, a committer behind) is no hold: nothing is read again for it.
 
 Whatever is read again is deduplicated by identity: subscribers that accepted or rejected a
-message are not handed it again, a subscriber still working on it is not handed it twice, and
-the rest (those that failed it and subscribed again, those that were not subscribed) get it. A
-subscriber that fails is detached, so the delay is also the time it has to subscribe again
-before the message comes back without it. Seen from a separate process, a subscriber slower
-than ``redelivery_delay`` on one message looks like a hold: its partition is read again, which
-costs re-recording the messages, never a delivery; keep the delay above the time a subscriber
-takes on a message.
+message are not handed it again, a subscriber still working on it here is not handed it twice,
+and the rest (those that failed it and subscribed again, those that were not subscribed) get
+it. A subscriber that fails is detached, so the delay is also the time it has to subscribe again
+before the message comes back without it.
 
 Message values are opaque here: ``decode`` turns them into raw events (by default JSON, else
 text), and nothing else reads them.
@@ -337,8 +336,8 @@ class _Reading:
     due: dict[int, float] = field(default_factory=dict)  # held offsets, when to hand them out
     next_due: float = math.inf  # the earliest of those times
     advanced_here: bool = False  # this producer instance advances the partition too
-    commit_seen: int | None = None  # the group's committed offset as last read ...
-    commit_seen_since: float = 0.0  # ... and since when it has not moved
+    read_again_from: int | None = None  # where a reported hold last had it read again ...
+    read_again_at: float = -math.inf  # ... and when
 
     def take(self, offset: int) -> bool:
         """Whether the message at ``offset`` is handed out: it is new, or to be read again."""
@@ -455,17 +454,6 @@ class KafkaSharedStreamProducer(SharedStreamProducer):
             assignment += [TopicPartition(topic, p) for p in sorted(found)]
         return assignment
 
-    @property
-    def _stuck_after(self) -> float:
-        """How long a commit another process makes may stay behind the reader (at least a
-        second: this reader cannot tell a hold from a resolution under way)."""
-        return max(1.0, self.redelivery_delay)
-
-    @property
-    def _check_commits_every(self) -> float:
-        """How often a reader whose partitions another process advances reads their commits."""
-        return min(5.0, self._stuck_after / 4)
-
     async def open_stream(self) -> AsyncIterator[tuple[Any, Any]]:
         consumer = self._consumer()
         await consumer.start()
@@ -480,24 +468,12 @@ class KafkaSharedStreamProducer(SharedStreamProducer):
             # with the first advance, which says so.
             start = log_starts[tp] if committed is None else max(committed, log_starts[tp])
             consumer.seek(tp, start)
-            self._reading[tp] = _Reading(
-                start=start,
-                read_to=start,
-                fetch_at=start,
-                commit_seen=start,
-                commit_seen_since=loop.time(),
-            )
+            self._reading[tp] = _Reading(start=start, read_to=start, fetch_at=start)
         keep_message = self.dead_letter_topic is not None
-        poll_ms = int(min(1.0, self._check_commits_every) * 1000)
-        next_commit_check = loop.time() + self._check_commits_every
         while True:
-            now = loop.time()
-            self._release_due(now)
-            if now >= next_commit_check:
-                next_commit_check = now + self._check_commits_every
-                await self._read_again_where_stuck(consumer, now)
+            self._release_due(loop.time())
             self._position(consumer)
-            batches = await consumer.getmany(timeout_ms=poll_ms, max_records=self.max_records)
+            batches = await consumer.getmany(timeout_ms=1000, max_records=self.max_records)
             for tp in sorted(batches):
                 reading = self._reading[tp]
                 for message in batches[tp]:
@@ -525,30 +501,37 @@ class KafkaSharedStreamProducer(SharedStreamProducer):
                     reading.again.add(offset, offset + 1)
             reading.next_due = min(reading.due.values(), default=math.inf)
 
-    async def _read_again_where_stuck(self, consumer: AIOKafkaConsumer, now: float) -> None:
-        """For partitions another process advances: read again from the committed offset when
-        it has not moved for ``redelivery_delay`` (at least a second) while this reader has read
-        past it."""
-        for tp, reading in self._reading.items():
-            if reading.advanced_here:
-                continue  # its holds come to this reader directly
-            committed = await consumer.committed(tp)
-            at = reading.start if committed is None else max(committed, reading.start)
-            if at != reading.commit_seen:
-                reading.commit_seen, reading.commit_seen_since = at, now
-                continue
-            if at < reading.read_to and now - reading.commit_seen_since >= self._stuck_after:
-                log.info(
-                    "Kafka partition %s:%d committed at %d for %.0fs while read to %d: "
-                    "reading it again from there",
-                    tp.topic,
-                    tp.partition,
-                    at,
-                    now - reading.commit_seen_since,
-                    reading.read_to,
-                )
-                reading.again.add(at, reading.read_to)
-                reading.commit_seen_since = now
+    def on_hold_reported(self, identity: str, held_for: float) -> None:
+        """The committer recorded this partition's commit held at the message ``identity``:
+        when another process advances the partition and the hold is ``redelivery_delay`` old,
+        read the partition again from there to where this reader had read (and again every
+        ``redelivery_delay``, at least a second, while it stays held there)."""
+        topic, _, rest = identity.rpartition(":")
+        topic, _, partition = topic.rpartition(":")
+        try:
+            tp, offset = TopicPartition(topic, int(partition)), int(rest)
+        except ValueError:
+            return  # not an identity of this producer
+        reading = self._reading.get(tp)
+        if reading is None or reading.advanced_here or held_for < self.redelivery_delay:
+            return  # not read here; its holds come to this reader directly; not yet
+        if offset >= reading.read_to:
+            return  # not read yet: it comes anyway
+        now = asyncio.get_running_loop().time()
+        if reading.read_again_from == offset and now - reading.read_again_at < max(
+            1.0, self.redelivery_delay
+        ):
+            return
+        log.info(
+            "Kafka partition %s:%d held at %d for %.0fs: reading it again from there to %d",
+            tp.topic,
+            tp.partition,
+            offset,
+            held_for,
+            reading.read_to,
+        )
+        reading.read_again_from, reading.read_again_at = offset, now
+        reading.again.add(offset, reading.read_to)
 
     def _position(self, consumer: AIOKafkaConsumer) -> None:
         """Seek each partition to where it must be read next, when that moved: back to an

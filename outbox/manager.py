@@ -49,6 +49,7 @@ _T = TypeVar("_T")
 
 DEFAULT_ACK_TIMEOUT = 300.0
 DEFAULT_SUBSCRIBER_QUEUE_MAX = 1024
+HOLDS_REPORTED_EVERY = 1.0  # seconds between reads of where the committer says a stream is held
 
 
 class SubscriberOverflow(Exception):
@@ -185,6 +186,7 @@ class _Stream:
     resume: asyncio.Event = field(default_factory=asyncio.Event)
     poll_task: asyncio.Task[None] | None = None
     timeout_task: asyncio.Task[None] | None = None
+    holds_task: asyncio.Task[None] | None = None
     terminated: bool = False
     stopping: bool = False
     # Trigger events yielded outside any window before the stream row exists (a filter may
@@ -419,6 +421,11 @@ class SharedStreamManager:
                     self._enforce_timeouts(stream),
                     name=f"shared-stream-ack-timeout[{stream.key!r}]",
                 )
+                if type(producer).on_hold_reported is not SharedStreamProducer.on_hold_reported:
+                    stream.holds_task = asyncio.get_running_loop().create_task(
+                        self._report_holds(stream, producer),
+                        name=f"shared-stream-holds[{stream.key!r}]",
+                    )
                 source = producer.open_stream()
                 async for item in source:
                     await self._stage(stream, producer, item)
@@ -470,9 +477,10 @@ class SharedStreamManager:
 
     async def _finish_stream(self, stream: _Stream, source: AsyncIterator[Any] | None) -> None:
         stream.stopping = True
-        if stream.timeout_task is not None:
-            stream.timeout_task.cancel()
-            await self._await_task(stream.timeout_task)
+        for task in (stream.timeout_task, stream.holds_task):
+            if task is not None:
+                task.cancel()
+                await self._await_task(task)
         aclose = getattr(source, "aclose", None)
         if aclose is not None:
             try:
@@ -985,6 +993,19 @@ class SharedStreamManager:
                     )
                 if not owed:
                     self._settled(stream, event_id)
+
+    async def _report_holds(self, stream: _Stream, producer: SharedStreamProducer) -> None:
+        """Tell the producer, every second, where the committer (in this process or another)
+        recorded the stream's broker acknowledgements held: it may deliver those again."""
+        while True:
+            await asyncio.sleep(HOLDS_REPORTED_EVERY)
+            try:
+                holds = await self._store.lane_holds(stream.stream_id)
+            except Exception as exc:  # the database is away: next time
+                log.debug("reading the stream's holds failed (%s)", exc)
+                continue
+            for identity, held_for in holds:
+                producer.on_hold_reported(identity, held_for)
 
     # -- in-process committer -----------------------------------------------------------------
 

@@ -111,6 +111,15 @@ class SharedStreamProducer(ABC):
         """
         return None
 
+    def on_hold_reported(self, identity: str, held_for: float) -> None:  # noqa: B027
+        """The committer reports this stream's broker acknowledgement held at the event
+        ``identity`` for ``held_for`` seconds (database clock; it may run in another process).
+
+        Called by the manager, in the process that reads, every second or so while the hold
+        lasts. A producer that can have the event delivered again (Kafka: seek back) does;
+        default: nothing.
+        """
+
     def serialize_payload(self, broker_payload: Any) -> Any:
         """Turn a broker payload into a JSON value for storage (default: as is)."""
         return broker_payload

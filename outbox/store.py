@@ -625,6 +625,13 @@ _LANE_STATUS = sa.text(
     """
 )
 
+_LANE_HOLDS = sa.text(
+    """
+    SELECT held_identity, extract(epoch FROM now() - held_since) FROM outbox_lane
+    WHERE stream_id = :stream_id AND held_identity IS NOT NULL
+    """
+)
+
 _UNDISPATCHED = sa.text(
     """
     SELECT s.key, count(r.id)
@@ -1348,6 +1355,13 @@ class OutboxStore:
                 )
                 for r in rows
             ]
+
+    async def lane_holds(self, stream_id: int) -> list[tuple[str, float]]:
+        """The stream's lanes whose broker acknowledgement the committer recorded as held: the
+        event each is held at, and for how many seconds."""
+        async with self._autocommit.connect() as conn:
+            rows = await conn.execute(_LANE_HOLDS, {"stream_id": stream_id})
+            return [(r[0], float(r[1])) for r in rows]
 
     async def undispatched(self) -> dict[str, int]:
         """Undispatched outbox records per stream key."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 import uuid
@@ -192,9 +193,9 @@ async def test_a_failed_delivery_comes_back_in_the_same_run_and_the_commit_reach
 async def test_a_separate_committer_holds_and_the_reader_reads_the_partition_again(
     kafka_bootstrap: str, store: OutboxStore
 ) -> None:
-    """`outbox committer`'s producer cannot seek the reader: the reader reads again from the
-    committed offset once it has not moved for ``redelivery_delay`` while the reader is past it;
-    identity deduplicates."""
+    """`outbox committer`'s producer cannot seek the reader: the reader learns of the hold from
+    the lane row (its manager reads it every second) and reads the partition again from the
+    held offset once the hold is ``redelivery_delay`` old; identity deduplicates."""
     topic = await create_topic(kafka_bootstrap)
     group = f"g-{uuid.uuid4().hex[:8]}"
     await produce(kafka_bootstrap, topic, [{"n": n} for n in range(40)], partitions=1)
@@ -230,38 +231,49 @@ async def test_a_separate_committer_holds_and_the_reader_reads_the_partition_aga
 async def test_reading_a_partition_again_never_hands_a_message_twice_to_a_subscriber_on_it(
     kafka_bootstrap: str, store: OutboxStore
 ) -> None:
-    """Nothing advances (no committer), so the reader reads the partition again every second
-    while the subscriber still works on its first message: it must not be handed any twice."""
+    """A separate committer holds the partition at 3 (flaky failed it) while steady still works
+    on message 10, so the hold lasts and the reader reads 3..39 again every second: steady must
+    not be handed any of 10..39 twice, flaky (subscribed again) gets 3..39."""
     topic = await create_topic(kafka_bootstrap)
     group = f"g-{uuid.uuid4().hex[:8]}"
     HoldTrigger.gates[group] = gate = asyncio.Event()
-    await produce(kafka_bootstrap, topic, [{"n": n} for n in range(5)], partitions=1)
+    await produce(kafka_bootstrap, topic, [{"n": n} for n in range(40)], partitions=1)
     common = {
         "topics": [topic],
         "bootstrap_servers": kafka_bootstrap,
         "group_id": group,
         "redelivery_delay": 0.0,
     }
+    committer = LaneCommitter(
+        store, allowed_modules=[__name__], poll_interval=0.1, lease_seconds=10
+    )
+    committing = asyncio.create_task(committer.run())
 
     async def read_again_twice() -> bool:
-        async with store.engine.connect() as conn:  # each re-read re-opens the 5 events
-            return bool(
-                await conn.scalar(sa.text("SELECT coalesce(sum(rewrites), 0) FROM outbox_lane"))
-                >= 10
-            )
+        async with store.engine.connect() as conn:  # a re-read refreshes the events it reuses
+            rewrites = await conn.scalar(sa.text("SELECT rewrites FROM outbox_lane"))
+            return bool(rewrites is not None and rewrites >= 2 * 37)
 
     try:
         async with SharedStreamManager(store, run_committer=False) as manager:
-            slow = Subscriber(manager, "slow", wait_on=0, **common)
+            steady = Subscriber(manager, "steady", wait_on=10, **common)
+            flaky = Subscriber(manager, "flaky", fail_on=3, **common)
+            await eventually(held_at(f"{topic}:0:3", store), within=30)
             await eventually(read_again_twice, within=30)
             gate.set()
-            await produce(kafka_bootstrap, topic, [{"n": 5}], partitions=1)
+            await eventually(committed_to(kafka_bootstrap, group, topic, 40), within=30)
+            await produce(kafka_bootstrap, topic, [{"n": 40}], partitions=1)
             # FIFO: a message handed twice would come before the new one.
-            await wait_until(lambda: 5 in slow.fired, within=30)
-            assert slow.seen() == list(range(6))
-            await slow.stop()
+            await wait_until(lambda: 40 in steady.fired and 40 in flaky.fired, within=30)
+            assert steady.seen() == list(range(41))
+            assert sorted(flaky.triggers[-1].seen) == list(range(3, 41))
+            for subscriber in (steady, flaky):
+                await subscriber.stop()
     finally:
         del HoldTrigger.gates[group]
+        committer.request_stop()
+        await committing
+    assert_stored_once_each(await tally(store), {(n, s) for n in range(41) for s in MODES})
 
 
 async def test_a_failed_delivery_then_10000_messages_prune_while_held_and_after_and_restarts(
@@ -437,3 +449,38 @@ def test_the_flood_guard_counts_as_before_in_time_per_batch() -> None:
             assert not expected
             guard.record(("t", 0), batch)
             history += batch
+
+
+async def test_a_reported_hold_has_the_reader_read_again_from_it_once_it_is_old_enough() -> None:
+    """Driven against a broker double: the rules of ``on_hold_reported`` for a reader whose
+    partitions another process advances."""
+    broker = BrokerDouble()
+    tp = TopicPartition("orders", 0)
+    broker.append(tp, [b'{"n": %d}' % n for n in range(10)])
+    producer = ProducerOnDouble(
+        broker, ["orders"], bootstrap_servers="double", group_id="g", redelivery_delay=5
+    )
+    stream = producer.open_stream()
+    assert isinstance(stream, AsyncGenerator)
+
+    async def offsets(count: int) -> list[int]:
+        return [(await anext(stream))[1]["offset"] for _ in range(count)]
+
+    assert await offsets(10) == list(range(10))
+    producer.on_hold_reported("orders:0:4", held_for=4.9)  # not old enough
+    producer.on_hold_reported("orders:0:12", held_for=60)  # not read yet: comes anyway
+    producer.on_hold_reported("other:0:4", held_for=60)  # not a partition read here
+    producer.on_hold_reported("not an identity", held_for=60)
+    broker.append(tp, [b'{"n": 10}'])
+    assert await offsets(1) == [10]
+    producer.on_hold_reported("orders:0:4", held_for=5)
+    producer.on_hold_reported("orders:0:4", held_for=6)  # read again a moment ago already
+    broker.append(tp, [b'{"n": 11}'])
+    assert await offsets(8) == [4, 5, 6, 7, 8, 9, 10, 11]
+    # Advanced here too: its holds come straight from advance, not from reports.
+    await producer.advance(items((0, ACK), (1, ACK), topic="orders"))
+    producer._reading[tp].read_again_at = -math.inf
+    producer.on_hold_reported("orders:0:4", held_for=60)
+    assert producer._reading[tp].again.first() is None
+    await stream.aclose()
+    await producer.aclose()
