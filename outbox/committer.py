@@ -2,7 +2,8 @@
 
 One pass: fail deliveries whose ack timeout passed by the database clock, find lanes whose next
 event is resolved, lease each (fencing token), read the prefix after the cursor, await
-``producer.advance(batch)``, then move the cursor in a statement that checks the lease. A crash
+``producer.advance(batch)``, then move the cursor in a statement that checks the lease (and
+records where the producer says the lane's broker acknowledgement is held, if anywhere). A crash
 between the advance and the cursor update advances the batch again: advance is at-least-once.
 """
 
@@ -410,6 +411,12 @@ class LaneCommitter:
                 for e in prefix
             ]
             await producer.advance(batch)
+            held = producer.describe_hold(producer.get_advance_lane(batch[0].broker_payload))
+            if held is not None and not isinstance(held, str):
+                raise TypeError(
+                    f"describe_hold returned {type(held).__name__}, expected str or None; "
+                    "return the held event's identity"
+                )
         except Exception as exc:
             if self.metrics is not None:
                 self.metrics.failed(time.perf_counter() - started)
@@ -428,7 +435,7 @@ class LaneCommitter:
             return None
         if self.metrics is not None:
             self.metrics.advanced([item.outcome for item in batch], time.perf_counter() - started)
-        return AdvancedBatch(lease, lane.rewrites, prefix)
+        return AdvancedBatch(lease, lane.rewrites, prefix, held)
 
     async def _move_cursors(self, advanced: list[AdvancedBatch]) -> int:
         """Move the cursors over what was advanced; how many events they moved over."""
@@ -436,7 +443,7 @@ class LaneCommitter:
             return 0
         moved = await self._store.move_cursors(self.owner, advanced)
         total = 0
-        for lease, _, prefix in advanced:
+        for lease, _, prefix, _ in advanced:
             if lease.lane_id not in moved:
                 self._leases.pop(lease.lane_id, None)
                 self._more_ready = True

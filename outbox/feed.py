@@ -16,18 +16,19 @@ from outbox.core import canonical_json, storable_key
 from outbox.errors import StreamTerminated
 from outbox.group import await_task, decode_raw, uncancelled
 from outbox.interop import adapt_producer, advances_from_consumer
-from outbox.protocol import to_json
+from outbox.protocol import SharedStreamProducer, to_json
 from outbox.store import EventToRecord
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from outbox.group import StreamGroup
-    from outbox.protocol import SharedStreamProducer
 
 __all__ = ("run_group",)
 
 log = logging.getLogger("outbox.manager")
+
+HOLDS_REPORTED_EVERY = 1.0  # seconds between reads of where the committer says a stream is held
 
 # A follower tries to take the producer over this many follow intervals apart (and at once when
 # the leader releases it): the leader's session must have ended first.
@@ -64,6 +65,10 @@ async def run_group(group: StreamGroup) -> None:
             await _lead_when_possible(group, producer)
             if host.committer is not None:
                 host.committer.add_producer(group.stream_id, producer)
+            if type(producer).on_hold_reported is not SharedStreamProducer.on_hold_reported:
+                group.hold_reports = asyncio.get_running_loop().create_task(
+                    _report_holds(group, producer), name=f"shared-stream-holds[{group.key!r}]"
+                )
             source = producer.open_stream()
             async for item in source:
                 await _stage(group, producer, item)
@@ -207,6 +212,20 @@ async def _hand_out_owed(group: StreamGroup, *, full: bool) -> None:
     group.broadcast(events)
 
 
+async def _report_holds(group: StreamGroup, producer: SharedStreamProducer) -> None:
+    """Tell the producer, every second, where the committer (in this process or another)
+    recorded the stream's broker acknowledgements held: it may deliver those again."""
+    while True:
+        await asyncio.sleep(HOLDS_REPORTED_EVERY)
+        try:
+            holds = await group.host.store.lane_holds(group.stream_id)
+        except Exception as exc:  # the database is away: next time
+            log.debug("reading the stream's holds failed (%s)", exc)
+            continue
+        for identity, held_for in holds:
+            producer.on_hold_reported(identity, held_for)
+
+
 async def _stage(group: StreamGroup, producer: SharedStreamProducer, item: Any) -> None:
     raw, payload = item
     where = group.where
@@ -261,9 +280,10 @@ async def _stage(group: StreamGroup, producer: SharedStreamProducer, item: Any) 
 async def _finish(group: StreamGroup, source: AsyncIterator[Any] | None) -> None:
     host = group.host
     group.stopping = True
-    if group.timeout_task is not None:
-        group.timeout_task.cancel()
-        await await_task(group.timeout_task)
+    for task in (group.timeout_task, group.hold_reports):
+        if task is not None:
+            task.cancel()
+            await await_task(task)
     aclose = getattr(source, "aclose", None)
     if aclose is not None:
         try:

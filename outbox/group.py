@@ -122,6 +122,8 @@ class StreamGroup:
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     poll_task: asyncio.Task[None] | None = None
     timeout_task: asyncio.Task[None] | None = None
+    # Tells the producer where the committer recorded the stream held (``describe_hold``).
+    hold_reports: asyncio.Task[None] | None = None
     terminated: bool = False
     stopping: bool = False
     registering: bool = False

@@ -70,6 +70,16 @@ class CommitterMetrics:
         self.stalled_lanes = Gauge(
             "outbox_stalled_lanes", "lanes whose last advance failed", registry=r
         )
+        self.held_seconds = Gauge(
+            "outbox_lane_held_seconds",
+            "how long the lane's broker acknowledgement has been held at the event `held` "
+            "(only lanes held now)",
+            ["stream", "lane", "held"],
+            registry=r,
+        )
+        self.held_lanes = Gauge(
+            "outbox_held_lanes", "lanes whose broker acknowledgement is held", registry=r
+        )
         self.undispatched = Gauge(
             "outbox_undispatched_records",
             "outbox records not yet dispatched",
@@ -105,5 +115,12 @@ class CommitterMetrics:
         for stream, count in recorded.items():
             self.events_recorded.labels(stream=stream).set(count)
         self.stalled_lanes.set(sum(lane.stalled_seconds is not None for lane in lanes))
+        self.held_seconds.clear()  # a hold that ended (or moved to another event) goes
+        for lane in lanes:
+            if lane.held_identity is not None:
+                self.held_seconds.labels(
+                    stream=lane.stream, lane=lane.lane, held=lane.held_identity
+                ).set(lane.held_seconds or 0.0)
+        self.held_lanes.set(sum(lane.held_identity is not None for lane in lanes))
         for stream, count in (await store.undispatched()).items():
             self.undispatched.labels(stream=stream).set(count)

@@ -108,6 +108,25 @@ class SharedStreamProducer(ABC):
         """
         return None
 
+    def describe_hold(self, lane: Hashable) -> str | None:
+        """The identity of the event the broker acknowledgement of ``lane`` is held at (later
+        events of the lane were advanced, the broker not past this one), or ``None``.
+
+        Called by the committer after each ``advance`` of the lane; it records the answer on
+        the lane (``outbox status``, metrics) and prune keeps the lane's events from that one
+        on. Default ``None``: nothing held.
+        """
+        return None
+
+    def on_hold_reported(self, identity: str, held_for: float) -> None:  # noqa: B027
+        """The committer reports this stream's broker acknowledgement held at the event
+        ``identity`` for ``held_for`` seconds (database clock; it may run in another process).
+
+        Called by the manager, in the process that reads, every second or so while the hold
+        lasts. A producer that can have the event delivered again (Kafka: seek back) does;
+        default: nothing.
+        """
+
     def serialize_payload(self, broker_payload: Any) -> Any:
         """Turn a broker payload into a JSON value for storage (default: as is)."""
         return broker_payload

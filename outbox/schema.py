@@ -144,6 +144,12 @@ lane = Table(
         server_default=text("0"),
         comment="redeliveries that changed one of the lane's events (a cursor move checks it)",
     ),
+    Column(
+        "held_identity",
+        Text,
+        comment="the event the lane's broker acknowledgement is held at, as its producer said",
+    ),
+    Column("held_since", DateTime(timezone=True), comment="when that hold began"),
     UniqueConstraint("stream_id", "lane_key"),
     CheckConstraint("advanced_through < next_position", name="cursor_behind_allocation"),
 )

@@ -23,6 +23,11 @@ async def collect_status(store: OutboxStore) -> dict[str, object]:
         "stalled": [
             f"{lane.stream} {lane.lane}" for lane in lanes if lane.stalled_seconds is not None
         ],
+        "held": [
+            f"{lane.stream} {lane.lane} at {lane.held_identity}"
+            for lane in lanes
+            if lane.held_identity is not None
+        ],
     }
 
 
@@ -60,6 +65,9 @@ def _table(lanes: list[LaneStatus], undispatched: dict[str, int]) -> Table:
             if lane.stalled_seconds is not None
             else "ok"
         )
+        if lane.held_identity is not None:
+            held = f"[yellow]broker held at {lane.held_identity} for {_age(lane.held_seconds)}"
+            state = f"{held}[/yellow]" if state == "ok" else f"{held}[/yellow]; {state}"
         table.add_row(
             lane.stream,
             lane.lane,

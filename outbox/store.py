@@ -42,7 +42,7 @@ __all__ = (
 )
 
 VERSION_TABLE = "outbox_alembic_version"
-HEAD_REVISION = "0007"
+HEAD_REVISION = "0008"
 NOTIFY_CHANNEL = "outbox_resolved"
 RECORDS_CHANNEL = "outbox_records"
 RECORDED_CHANNEL = "outbox_recorded"
@@ -152,6 +152,7 @@ class AdvancedBatch(NamedTuple):
     lease: LaneLease
     rewrites: int  # the lane's ``rewrites`` read with the events
     events: Sequence[LaneEvent]
+    held: str | None = None  # the identity the lane's broker acknowledgement is held at
 
 
 # A recording locks the rows of its lanes, and of the lanes of earlier occurrences of its
@@ -557,6 +558,8 @@ _TAKE_LEASE = sa.text(
 # then checked again on the row that redelivery left. The lanes are locked in id order first, as
 # a recording locks them: an update alone locks them in whatever order its plan scans them, and
 # deadlocked with recordings of several lanes (a second's stall until Postgres broke it).
+# The move also records where the producer said the lane's broker acknowledgement is held (the
+# hold keeps its start while it stays on the same event).
 _MOVE_CURSORS = sa.text(
     """
     WITH locked AS (
@@ -565,10 +568,13 @@ _MOVE_CURSORS = sa.text(
     )
     UPDATE outbox_lane AS l
     SET advanced_through = m.through, attempts = 0, last_error = NULL, stalled_since = NULL,
-        retry_at = NULL
+        retry_at = NULL, held_identity = m.held,
+        held_since = CASE WHEN m.held IS NULL THEN NULL
+                          WHEN l.held_identity = m.held THEN l.held_since ELSE now() END
     FROM unnest(CAST(:lane_ids AS bigint[]), CAST(:tokens AS bigint[]),
                 CAST(:afters AS bigint[]), CAST(:rewrites AS bigint[]),
-                CAST(:throughs AS bigint[])) AS m(lane_id, token, after, rewrites, through)
+                CAST(:throughs AS bigint[]), CAST(:helds AS text[]))
+         AS m(lane_id, token, after, rewrites, through, held)
     WHERE l.id = m.lane_id AND l.id IN (SELECT id FROM locked)
       AND l.fencing_token = m.token AND l.lease_owner = :owner
       AND l.lease_expires_at > now() AND l.advanced_through = m.after
@@ -812,9 +818,17 @@ _LANE_STATUS = sa.text(
            (SELECT extract(epoch FROM now() - min(e.created_at)) FROM outbox_event AS e
             WHERE e.lane_id = l.id AND e.pending > 0),
            l.lease_owner, l.attempts, l.last_error,
-           extract(epoch FROM now() - l.stalled_since)
+           extract(epoch FROM now() - l.stalled_since),
+           l.held_identity, extract(epoch FROM now() - l.held_since)
     FROM outbox_lane AS l JOIN outbox_stream AS s ON s.id = l.stream_id
     ORDER BY s.key, l.lane_key
+    """
+)
+
+_LANE_HOLDS = sa.text(
+    """
+    SELECT held_identity, extract(epoch FROM now() - held_since) FROM outbox_lane
+    WHERE stream_id = :stream_id AND held_identity IS NOT NULL
     """
 )
 
@@ -837,13 +851,20 @@ _PRUNE_RECORDS = sa.text(
 )
 
 # Advanced: at or behind its lane's cursor. Unacked rows go with the event; records stay (the
-# dispatched ones are pruned by age above), detached from it.
+# dispatched ones are pruned by age above), detached from it. A lane whose broker
+# acknowledgement is held keeps its events from the held one's first occurrence on (all of them
+# if it has none): the broker delivers those again, and they deduplicate the redelivery.
 _PRUNE_EVENTS = sa.text(
     """
     WITH doomed AS (
         SELECT e.id FROM outbox_event AS e JOIN outbox_lane AS l ON l.id = e.lane_id
         WHERE e.position <= l.advanced_through
           AND e.created_at < now() - make_interval(secs => :retention)
+          AND (l.held_identity IS NULL
+               OR e.position < coalesce(
+                   (SELECT min(h.position) FROM outbox_event AS h
+                    WHERE h.stream_id = l.stream_id AND h.identity = l.held_identity
+                      AND h.lane_id = l.id), 0))
         ORDER BY e.id LIMIT :batch FOR UPDATE OF e SKIP LOCKED
     ),
     unacked AS (
@@ -872,6 +893,10 @@ class LaneStatus:
     attempts: int
     last_error: str | None
     stalled_seconds: float | None
+    # The event the lane's broker acknowledgement is held at (as its producer reported), and
+    # for how long.
+    held_identity: str | None = None
+    held_seconds: float | None = None
 
 
 class OutboxStore:
@@ -1417,6 +1442,7 @@ class OutboxStore:
                     "afters": [m.lease.advanced_through for m in moves],
                     "rewrites": [m.rewrites for m in moves],
                     "throughs": [m.events[-1].position for m in moves],
+                    "helds": [m.held for m in moves],
                 },
             )
             return {row[0] for row in rows}
@@ -1687,9 +1713,18 @@ class OutboxStore:
                     attempts=r[8],
                     last_error=r[9],
                     stalled_seconds=None if r[10] is None else float(r[10]),
+                    held_identity=r[11],
+                    held_seconds=None if r[12] is None else float(r[12]),
                 )
                 for r in rows
             ]
+
+    async def lane_holds(self, stream_id: int) -> list[tuple[str, float]]:
+        """The stream's lanes whose broker acknowledgement the committer recorded as held: the
+        event each is held at, and for how many seconds."""
+        async with self._autocommit.connect() as conn:
+            rows = await conn.execute(_LANE_HOLDS, {"stream_id": stream_id})
+            return [(r[0], float(r[1])) for r in rows]
 
     async def undispatched(self) -> dict[str, int]:
         """Undispatched outbox records per stream key."""
