@@ -112,7 +112,7 @@ async def _register_subscribers(group: StreamGroup) -> None:
     if not waiting:
         return
     names = [s.name for s in waiting]
-    registered = await host.writer.retry(
+    registered, _ = await host.writer.retry(
         lambda: uncancelled(host.store.register(group.stream_id, names, session))
     )
     for subscriber in waiting:
@@ -173,6 +173,18 @@ async def _follow(group: StreamGroup) -> None:
             resumed.cancel()
         if group.consumer_released:
             return
+
+
+async def catch_up(group: StreamGroup) -> None:
+    """Hand out what the subscribers were moved as they joined again (a leader reads only its
+    producer otherwise; a follower would find it at its next full look)."""
+    group.catch_up_again = True
+    while group.catch_up_again:
+        group.catch_up_again = False
+        try:
+            await _hand_out_owed(group, full=True)
+        except Exception as exc:  # the database is away: a later look finds them
+            log.debug("catching up failed (%s)", exc)
 
 
 async def _hand_out_owed(group: StreamGroup, *, full: bool) -> None:
@@ -280,7 +292,7 @@ async def _stage(group: StreamGroup, producer: SharedStreamProducer, item: Any) 
 async def _finish(group: StreamGroup, source: AsyncIterator[Any] | None) -> None:
     host = group.host
     group.stopping = True
-    for task in (group.timeout_task, group.hold_reports):
+    for task in (group.timeout_task, group.hold_reports, group.catching_up):
         if task is not None:
             task.cancel()
             await await_task(task)

@@ -124,6 +124,8 @@ class StreamGroup:
     timeout_task: asyncio.Task[None] | None = None
     # Tells the producer where the committer recorded the stream held (``describe_hold``).
     hold_reports: asyncio.Task[None] | None = None
+    catching_up: asyncio.Task[None] | None = None
+    catch_up_again: bool = False
     terminated: bool = False
     stopping: bool = False
     registering: bool = False
@@ -185,12 +187,27 @@ class StreamGroup:
         def registered(result: Any) -> None:
             if isinstance(result, BaseException):
                 self.force_fail(subscriber, result, "could not register")
-            elif subscriber.detached or subscriber.failed or self.terminated:
-                self.host.writer.unregister(list(result.values()))
-            else:
-                subscriber.registration = result.get(subscriber.name)
+                return
+            ids, moved = result
+            if subscriber.detached or subscriber.failed or self.terminated:
+                self.host.writer.unregister(list(ids.values()))
+                return
+            subscriber.registration = ids.get(subscriber.name)
+            if moved:
+                self.catch_up()
 
         self.host.writer.register(self.stream_id, [subscriber.name], registered)
+
+    def catch_up(self) -> None:
+        """Hand out, from Postgres, what these subscribers are owed and not handed yet (what an
+        earlier registration of theirs was owed, moved to them as they joined again)."""
+        from outbox.feed import catch_up
+
+        self.catch_up_again = True
+        if self.catching_up is None or self.catching_up.done():
+            self.catching_up = asyncio.get_running_loop().create_task(
+                catch_up(self), name=f"shared-stream-catch-up[{self.key!r}]"
+            )
 
     def raw_stream(self, subscriber: Subscriber) -> AsyncIterator[Any]:
         """What the subscriber's filter reads."""
@@ -199,10 +216,11 @@ class StreamGroup:
         return fast_events(subscriber)
 
     def detach(self, subscriber: Subscriber, *, classify: bool) -> None:
-        """The subscriber leaves: an event it pulled resolves ``acked`` (once its trigger events
-        commit), events it never pulled ``failed`` (``classify``; else they stay pending, for
-        redelivery); it is in no later snapshot, and its registration goes once its resolutions
-        are committed."""
+        """The subscriber stops here. With ``classify`` it leaves the stream (unsubscribe): an
+        event it pulled resolves ``acked`` (once its trigger events commit), events it never
+        pulled ``failed``; it is in no later snapshot, and its registration goes once its
+        resolutions are committed. Without (the triggerer stops, or the subscriber joined on
+        another one), what it owes stays owed to it: it may join again, here or elsewhere."""
         subscriber.detached = True
         if self.subscribers.get(subscriber.name) is subscriber:
             del self.subscribers[subscriber.name]
@@ -218,7 +236,10 @@ class StreamGroup:
                 # else pulled, its trigger events not yet confirmed: acked once they are
         subscriber.raw.items.clear()
         self.resume.set()
-        self._retire(subscriber, end_output=not self.host.persist_gated)
+        if classify:
+            self._retire(subscriber, end_output=not self.host.persist_gated)
+        elif not self.host.persist_gated:
+            self.host.writer.after_pending(lambda _: self.host.release(subscriber, None))
 
     def _retire(self, subscriber: Subscriber, *, end_output: bool) -> None:
         """Keep the subscriber's registration out of new snapshots now, and remove it once its
@@ -448,6 +469,29 @@ class StreamGroup:
             # Still pending in the outbox: fail it, so that its lane moves on.
             self.write_failure(subscriber.name, event_id, "its trigger events could not be stored")
             self.force_fail(subscriber, _one_line(self.where, subscriber, result), "")
+            return
+        asyncio.get_running_loop().create_task(
+            self._lost(subscriber, event_id), name=f"shared-stream-lost[{subscriber.name}]"
+        )
+
+    async def _lost(self, subscriber: Subscriber, event_id: int) -> None:
+        """Another resolution of a delivery won over the subscriber's: it joined on another
+        triggerer meanwhile (it has moved: it leaves this one, quietly), or its delivery was
+        failed by the ack timeout by the database clock or with this triggerer's session (it
+        gets ``AckTimeout``)."""
+        registration = subscriber.registration
+        try:
+            current = await self.host.store.registration_of(self.stream_id, subscriber.name)
+        except Exception:
+            current = registration
+        if registration is not None and current is not None and current != registration:
+            log.info(
+                "subscriber joined the stream on another triggerer; it leaves this one",
+                extra={"trigger_id": subscriber.trigger_id, "stream": repr(self.key)},
+            )
+            if self.subscribers.get(subscriber.name) is subscriber:
+                subscriber.registration = None  # no longer this triggerer's to remove
+                self.detach(subscriber, classify=False)
             return
         self.force_fail(
             subscriber,

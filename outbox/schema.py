@@ -186,6 +186,11 @@ event = Table(
     Column("rejected", Integer, nullable=False, server_default=text("0")),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Column("resolved_at", DateTime(timezone=True)),
+    Column(
+        "recorded_by",
+        BigInteger,
+        comment="the triggerer session that recorded it (or last re-recorded it)",
+    ),
     UniqueConstraint("lane_id", "position"),
     CheckConstraint("pending >= 0", name="pending_not_negative"),
     Index(

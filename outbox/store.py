@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from outbox.core import LaneEvent, PriorOccurrence, plan_redelivery
 from outbox.errors import ConfigurationError, DatabaseUnavailable, SchemaNotMigrated
-from outbox.schema import lane, stream
+from outbox.schema import lane, stream, subscriber
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -42,7 +42,7 @@ __all__ = (
 )
 
 VERSION_TABLE = "outbox_alembic_version"
-HEAD_REVISION = "0008"
+HEAD_REVISION = "0009"
 NOTIFY_CHANNEL = "outbox_resolved"
 RECORDS_CHANNEL = "outbox_records"
 RECORDED_CHANNEL = "outbox_recorded"
@@ -243,19 +243,28 @@ def _count(states: dict[str, str], state: str) -> int:
     return sum(1 for s in states.values() if s == state) if states else 0
 
 
+# A session is live while it is renewed; once it is not, it died at ``ended_at`` (a graceful stop,
+# or the expiry a sweeper found, which it records there). What a registration is owed while its
+# session is dead stays owed, for the stream's ack timeout from that death, in case the subscriber
+# joins again (its triggerer restarting, or it moving to another): then it is moved over.
+_SESSION_LIVE = "s.ended_at IS NULL AND s.expires_at > now()"
+_DIED_AT = "coalesce(s.ended_at, s.expires_at)"
+
 # The subscribers each stream's new events are owed to: every registration, on any triggerer,
-# whose session is live and that is not excluded (failed, or leaving), with its id.
-_LIVE_OWNERS = """
+# that is not excluded (failed, or leaving) and whose session is live, or died less than the
+# stream's ack timeout ago; with its id.
+_LIVE_OWNERS = f"""
     SELECT x.stream_id,
            coalesce(jsonb_object_agg(r.name, r.id) FILTER (WHERE r.id IS NOT NULL),
-                    '{}'::jsonb) AS owners,
+                    '{{}}'::jsonb) AS owners,
            count(r.id)::int AS size,
            coalesce(bool_or(r.session_id <> :session), false) AS remote
     FROM unnest(CAST(:owner_stream_ids AS bigint[])) AS x(stream_id)
-    LEFT JOIN (outbox_subscriber AS r
-               JOIN outbox_session AS s
-                 ON s.id = r.session_id AND s.ended_at IS NULL AND s.expires_at > now())
+    JOIN outbox_stream AS st ON st.id = x.stream_id
+    LEFT JOIN (outbox_subscriber AS r JOIN outbox_session AS s ON s.id = r.session_id)
            ON r.stream_id = x.stream_id AND NOT r.excluded
+              AND ({_SESSION_LIVE}
+                   OR {_DIED_AT} > now() - make_interval(secs => st.ack_timeout))
     GROUP BY x.stream_id
 """
 
@@ -285,14 +294,15 @@ _RECORD_EVENTS = sa.text(
     inserted AS (
         INSERT INTO outbox_event
             (stream_id, lane_id, position, identity, raw, payload, snapshot, resolved, pending,
-             acked, rejected, resolved_at)
+             acked, rejected, resolved_at, recorded_by)
         SELECT x.stream_id, x.lane_id,
                a.first + row_number() OVER (PARTITION BY x.lane_id ORDER BY x.ord) - 1,
                x.identity, x.raw::jsonb, x.payload::jsonb,
                coalesce(x.snapshot::jsonb, o.owners),
                CASE WHEN x.resolved IS NULL THEN '{{}}'
                     ELSE ARRAY(SELECT jsonb_array_elements_text(x.resolved::jsonb)) END,
-               p.pending, x.acked, x.rejected, CASE WHEN p.pending = 0 THEN now() END
+               p.pending, x.acked, x.rejected, CASE WHEN p.pending = 0 THEN now() END,
+               nullif(:session, 0)
         FROM unnest({_int_array("stream_ids")}, {_int_array("event_lane_ids")},
                     {_text_array("identities")}, CAST(:raws AS text[]),
                     CAST(:payloads AS text[]), CAST(:snapshots AS text[]),
@@ -365,7 +375,7 @@ _REOPEN_OCCURRENCE = sa.text(
     ),{_COUNT_REWRITE}
     UPDATE outbox_event
     SET payload = CAST(:payload AS jsonb), created_at = now(), resolved_at = NULL,
-        snapshot = snapshot || CAST(:owners AS jsonb),
+        recorded_by = nullif(:session, 0), snapshot = snapshot || CAST(:owners AS jsonb),
         resolved = ARRAY(SELECT r FROM unnest(resolved) AS r
                          WHERE r NOT IN (SELECT subscriber FROM reopened)),
         pending = pending + :added + (SELECT count(*) FROM reopened),
@@ -600,48 +610,65 @@ _RELEASE_LEASES = sa.text(
     """
 )
 
-# The registrations through which deliveries can still be made: current (not replaced by a later
-# join of the same subscriber) and of a live session.
-_LIVE_REGISTRATIONS = """
-    SELECT coalesce(array_agg(r.id), '{}') AS ids
-    FROM outbox_subscriber AS r
-    JOIN outbox_session AS s ON s.id = r.session_id AND s.ended_at IS NULL AND s.expires_at > now()
+# Why a pending delivery (``e``, ``m.name`` owed through registration ``m.owner``) can no longer
+# be made, or NULL: its registration is gone (the subscriber left, or joined again and what
+# could be moved was moved); the event has no identity and the triggerer that recorded it is gone
+# (the broker delivers it again, as a new event, to the next reader); or its ack timeout passed
+# by the database clock, counted from when it was recorded or from when the session it is owed
+# through died, whichever came first. (Events recorded before outbox knew registrations have
+# none: only the timeout ends them.)
+_WHY_UNDELIVERABLE = f"""
+    CASE
+        WHEN jsonb_typeof(m.owner) = 'number' AND r.id IS NULL
+            THEN 'its subscriber left, or joined again'
+        WHEN e.identity IS NULL AND e.recorded_by IS NOT NULL
+             AND NOT EXISTS (SELECT 1 FROM outbox_session AS s
+                             WHERE s.id = e.recorded_by AND {_SESSION_LIVE})
+            THEN 'the triggerer that read it is gone; the broker delivers it again'
+        WHEN least(e.created_at,
+                   CASE WHEN rs.id IS NOT NULL AND NOT ({_SESSION_LIVE.replace("s.", "rs.")})
+                        THEN {_DIED_AT.replace("s.", "rs.")} END)
+             <= now() - make_interval(secs => st.ack_timeout + :grace)
+            THEN 'ack timeout (database clock)'
+    END
 """
 
-# A pending delivery ends here, failed, when nobody can make it any more (it is owed through a
-# registration that is gone: its triggerer died or stopped, or the subscriber left or joined
-# again), at once; or when its ack timeout passed by the database clock, whoever owes it. Each
-# lane's pending events are read after its cursor, by its (lane_id, position) index, never the
-# history behind it; lanes another committer holds are left to it (one sweeper per lane).
+# The registration id in a snapshot entry (``null`` for events recorded before registrations).
+_OWNER_ID = "(CASE WHEN jsonb_typeof(m.owner) = 'number' THEN (m.owner)::text::bigint END)"
+
+_OWNER_JOINS = f"""
+    LEFT JOIN outbox_subscriber AS r ON r.id = {_OWNER_ID}
+    LEFT JOIN outbox_session AS rs ON rs.id = r.session_id
+"""
+
+# Each lane's pending events are read after its cursor, by its (lane_id, position) index, never
+# the history behind it; lanes another committer holds are left to it (one sweeper per lane).
 _SWEEP_PENDING = sa.text(
     f"""
-    WITH live AS ({_LIVE_REGISTRATIONS})
-    SELECT e.stream_id, e.id, m.name,
-           jsonb_typeof(m.owner) = 'number' AND (m.owner)::text::bigint <> ALL(live.ids)
-    FROM live CROSS JOIN outbox_lane AS l
+    SELECT e.stream_id, e.id, m.name, why
+    FROM outbox_lane AS l
     JOIN outbox_stream AS st ON st.id = l.stream_id
     CROSS JOIN LATERAL (
-        SELECT e.stream_id, e.id, e.snapshot, e.resolved, e.created_at FROM outbox_event AS e
+        SELECT e.stream_id, e.id, e.snapshot, e.resolved, e.created_at, e.identity,
+               e.recorded_by
+        FROM outbox_event AS e
         WHERE e.lane_id = l.id AND e.position > l.advanced_through AND e.pending > 0
-          AND (e.created_at <= now() - make_interval(secs => st.ack_timeout + :grace)
-               OR EXISTS (SELECT 1 FROM jsonb_each(e.snapshot) AS o(name, owner)
-                          WHERE jsonb_typeof(o.owner) = 'number'
-                            AND (o.owner)::text::bigint <> ALL(live.ids)
-                            AND o.name <> ALL(e.resolved)))
+          AND EXISTS (SELECT 1 FROM jsonb_each(e.snapshot) AS m(name, owner) {_OWNER_JOINS}
+                      WHERE m.name <> ALL(e.resolved) AND ({_WHY_UNDELIVERABLE}) IS NOT NULL)
         ORDER BY e.position
         LIMIT :limit
-        -- Locked until the failures commit: a redelivery re-opening one of these meanwhile
-        -- (``created_at`` reset, its subscriber taken off ``resolved``, owed through a new
-        -- registration) waits, and then sees them failed and re-opens them.
+        -- Locked until the failures commit: a redelivery re-opening one of these meanwhile,
+        -- or a subscriber joining again (which moves what it is owed), waits, and then sees
+        -- them failed.
         FOR UPDATE OF e SKIP LOCKED
     ) AS e
     CROSS JOIN LATERAL jsonb_each(e.snapshot) AS m(name, owner)
-    WHERE m.name <> ALL(e.resolved)
+    {_OWNER_JOINS}
+    CROSS JOIN LATERAL (SELECT {_WHY_UNDELIVERABLE} AS why) AS w
+    WHERE m.name <> ALL(e.resolved) AND why IS NOT NULL
       AND (CAST(:stream_ids AS bigint[]) IS NULL
            OR l.stream_id = ANY(CAST(:stream_ids AS bigint[])))
       AND (l.lease_owner IS NULL OR l.lease_owner = :owner OR l.lease_expires_at < now())
-      AND (e.created_at <= now() - make_interval(secs => st.ack_timeout + :grace)
-           OR (jsonb_typeof(m.owner) = 'number' AND (m.owner)::text::bigint <> ALL(live.ids)))
     ORDER BY e.id
     LIMIT :limit
     """
@@ -652,7 +679,7 @@ _SWEEP_PENDING = sa.text(
 _END_EXPIRED_SESSIONS = sa.text(
     f"""
     WITH ended AS (
-        UPDATE outbox_session SET ended_at = now()
+        UPDATE outbox_session SET ended_at = expires_at
         WHERE ended_at IS NULL AND expires_at <= now()
         RETURNING id
     ),
@@ -702,8 +729,7 @@ _RENEW_SESSION = sa.text(
 
 _END_SESSION = sa.text(
     f"""
-    WITH gone AS (DELETE FROM outbox_subscriber WHERE session_id = :session),
-    released AS (
+    WITH released AS (
         UPDATE outbox_stream SET consumer_session = NULL WHERE consumer_session = :session
         RETURNING id
     ),
@@ -715,15 +741,42 @@ _END_SESSION = sa.text(
 )
 
 # A subscriber joins: a new registration id each time, so that what an earlier one was owed is
-# recognisably not owed through this one.
+# recognisably not owed through this one. What an earlier registration of it is still owed moves
+# to the new one (its triggerer restarted, or it moved), unless the broker delivers it again
+# anyway (an event without identity whose reader is gone: the sweep fails it).
 _REGISTER = sa.text(
-    """
-    INSERT INTO outbox_subscriber (stream_id, name, session_id)
-    SELECT :stream_id, n, :session FROM unnest(CAST(:names AS text[])) AS n
-    ON CONFLICT (stream_id, name) DO UPDATE
-    SET id = nextval(pg_get_serial_sequence('outbox_subscriber', 'id')),
-        session_id = excluded.session_id, excluded = false, joined_at = now()
-    RETURNING name, id
+    f"""
+    WITH previous AS (
+        SELECT id, name FROM outbox_subscriber
+        WHERE stream_id = :stream_id AND name = ANY(CAST(:names AS text[]))
+    ),
+    registered AS (
+        INSERT INTO outbox_subscriber (stream_id, name, session_id)
+        SELECT :stream_id, n, :session FROM unnest(CAST(:names AS text[])) AS n
+        ON CONFLICT (stream_id, name) DO UPDATE
+        SET id = nextval(pg_get_serial_sequence('outbox_subscriber', 'id')),
+            session_id = excluded.session_id, excluded = false, joined_at = now()
+        RETURNING name, id
+    ),
+    owed AS (
+        SELECT e.id, jsonb_object_agg(n.name, n.id) AS owners
+        FROM outbox_lane AS l
+        JOIN outbox_event AS e
+          ON e.lane_id = l.id AND e.position > l.advanced_through AND e.pending > 0
+        JOIN previous AS p ON e.snapshot -> p.name = to_jsonb(p.id)
+        JOIN registered AS n ON n.name = p.name
+        WHERE l.stream_id = :stream_id AND p.name <> ALL(e.resolved)
+          AND (e.identity IS NOT NULL OR e.recorded_by IS NULL
+               OR EXISTS (SELECT 1 FROM outbox_session AS s
+                          WHERE s.id = e.recorded_by AND {_SESSION_LIVE}))
+        GROUP BY e.id
+    ),
+    moved AS (
+        UPDATE outbox_event AS e SET snapshot = e.snapshot || o.owners
+        FROM owed AS o WHERE e.id = o.id
+        RETURNING e.id
+    )
+    SELECT name, id, (SELECT count(*) FROM moved) FROM registered
     """
 )
 
@@ -758,8 +811,8 @@ _RELEASE_CONSUMER = sa.text(
 # events after each lane's cursor (``after``: only those recorded since the last look) owed
 # through one of the given registrations and not resolved by it yet.
 _OWED_DELIVERIES = sa.text(
-    """
-    SELECT e.id, e.lane_id, e.raw::text, m.name, (m.owner)::text::bigint
+    f"""
+    SELECT e.id, e.lane_id, e.raw::text, m.name, {_OWNER_ID}
     FROM outbox_lane AS l
     CROSS JOIN LATERAL (
         SELECT e.id, e.lane_id, e.raw, e.snapshot, e.resolved FROM outbox_event AS e
@@ -770,7 +823,7 @@ _OWED_DELIVERIES = sa.text(
     ) AS e
     CROSS JOIN LATERAL jsonb_each(e.snapshot) AS m(name, owner)
     WHERE l.stream_id = :stream_id AND jsonb_typeof(m.owner) = 'number'
-      AND (m.owner)::text::bigint = ANY(CAST(:registrations AS bigint[]))
+      AND {_OWNER_ID} = ANY(CAST(:registrations AS bigint[]))
       AND m.name <> ALL(e.resolved)
     ORDER BY e.id, m.name
     """
@@ -1096,6 +1149,7 @@ class OutboxStore:
                                 # Each subscriber it goes to now is owed it through its
                                 # current registration (a dead triggerer's no longer holds it).
                                 "owners": json.dumps({n: owners.get(n) for n in plan.deliver_to}),
+                                "session": session_id,
                             },
                         )
                     else:
@@ -1560,11 +1614,7 @@ class OutboxStore:
                         event_id=r[1],
                         subscriber=r[2],
                         state="failed",
-                        reason=(
-                            "its triggerer is gone (stopped or died), or it left"
-                            if r[3]
-                            else "ack timeout (database clock)"
-                        ),
+                        reason=r[3],
                     )
                     for r in rows
                 ],
@@ -1596,20 +1646,36 @@ class OutboxStore:
         return list(rows[0][0]) if rows else None
 
     async def end_session(self, session_id: int) -> None:
-        """End the session: its registrations go (what they are owed is failed by the next
-        sweep) and the producers it ran are released for another triggerer."""
+        """End the session (a graceful stop): the producers it ran are released for another
+        triggerer; its subscribers stay owed the stream's events for its ack timeout, in case
+        they join again elsewhere or after a restart."""
         async with self._autocommit.connect() as conn:
             await conn.execute(_END_SESSION, {"session": session_id})
 
     async def register(
         self, stream_id: int, names: Sequence[str], session_id: int
-    ) -> dict[str, int]:
-        """Register subscribers of a stream in a session; their new registration ids."""
+    ) -> tuple[dict[str, int], int]:
+        """Register subscribers of a stream in a session: their new registration ids, and how
+        many pending events an earlier registration of theirs was owed and now they are (those
+        are theirs to hand out: the triggerer that reads the stream will not again)."""
         async with self._autocommit.connect() as conn:
-            rows = await conn.execute(
-                _REGISTER, {"stream_id": stream_id, "names": list(names), "session": session_id}
+            rows = (
+                await conn.execute(
+                    _REGISTER,
+                    {"stream_id": stream_id, "names": list(names), "session": session_id},
+                )
+            ).all()
+        return {row[0]: row[1] for row in rows}, (rows[0][2] if rows else 0)
+
+    async def registration_of(self, stream_id: int, name: str) -> int | None:
+        """The current registration of subscriber ``name`` of the stream, on any triggerer."""
+        async with self._autocommit.connect() as conn:
+            found = await conn.scalar(
+                sa.select(subscriber.c.id).where(
+                    subscriber.c.stream_id == stream_id, subscriber.c.name == name
+                )
             )
-            return {row[0]: row[1] for row in rows}
+        return None if found is None else int(found)
 
     async def exclude(self, registration_ids: Sequence[int]) -> None:
         """Keep these registrations out of new snapshots (failed or leaving subscribers); what

@@ -60,7 +60,7 @@ async def _deliveries(store: OutboxStore) -> list[tuple[int, str, Any, str | Non
         return [(r[0], r[1], r[2], r[3]) for r in rows]
 
 
-async def test_postgres_takes_the_snapshot_from_live_registrations(store: OutboxStore) -> None:
+async def test_postgres_takes_the_snapshot_from_the_registrations(store: OutboxStore) -> None:
     stream_id, lane_id = await _stream(store)
     one = await store.create_session("triggerer-1", ttl=60)
     two = await store.create_session("triggerer-2", ttl=60)
@@ -68,59 +68,108 @@ async def test_postgres_takes_the_snapshot_from_live_registrations(store: Outbox
     second = await store.register(stream_id, ["b"], two)
     events = await _record(store, stream_id, lane_id, 2, session=one)
     assert [sorted(e.deliver_to) for e in events] == [["a", "b"], ["a", "b"]]
-    assert events[0].owners == {"a": first["a"], "b": second["b"]}
-    # Excluded (failed or leaving) and ended registrations are in no new snapshot.
-    await store.exclude([second["b"]])
+    assert events[0].owners == {"a": first[0]["a"], "b": second[0]["b"]}
+    # Excluded (failed or leaving) registrations are in no new snapshot.
+    await store.exclude([second[0]["b"]])
     assert [e.deliver_to for e in await _record(store, stream_id, lane_id, 1, session=one)] == [
         ["a"]
     ]
+    # A stopped triggerer's subscribers stay owed new events for the ack timeout (they may be
+    # back, here or on another triggerer), and then no longer.
     await store.end_session(one)
-    later = await _record(store, stream_id, lane_id, 1, session=two)
-    assert later[0].deliver_to == []  # born resolved: nobody live is owed it
-
-
-async def test_sweep_fails_at_once_what_a_gone_registration_was_owed(store: OutboxStore) -> None:
-    stream_id, lane_id = await _stream(store)
-    old = await store.create_session("triggerer-old", ttl=60)
-    await store.register(stream_id, ["a", "b"], old)
-    events = await _record(store, stream_id, lane_id, 2, session=old)
-    async with store.engine.begin() as conn:
-        await store.resolve(
-            conn, [ResolutionRow(stream_id, events[0].event_id, "a", "acked", None)]
-        )
-    assert await store.fail_expired() == 0  # owed through live registrations: left alone
-    # The triggerer restarts: its subscriber b joins again (a new registration, a new session);
-    # a is not back. What the old registrations were owed cannot be delivered any more.
-    new = await store.create_session("triggerer-new", ttl=60)
-    await store.register(stream_id, ["b"], new)
-    assert await store.fail_expired() == 2  # b's old registration is replaced
-    await store.end_session(old)
-    assert await store.fail_expired() == 1  # a's went with its session
-    states = {(e, n): state for e, n, _, state in await _deliveries(store)}
-    assert states == {
-        (events[0].event_id, "a"): "acked",
-        (events[0].event_id, "b"): "failed",
-        (events[1].event_id, "a"): "failed",
-        (events[1].event_id, "b"): "failed",
-    }
-    assert await store.fail_expired() == 0
-
-
-async def test_sweep_ends_expired_sessions_and_fails_their_deliveries(store: OutboxStore) -> None:
-    stream_id, lane_id = await _stream(store)
-    session = await store.create_session("triggerer", ttl=0.001)
-    await store.register(stream_id, ["a"], session)
+    away = await _record(store, stream_id, lane_id, 1, session=two)
+    assert away[0].deliver_to == ["a"]
     async with store.engine.begin() as conn:
         await conn.execute(
-            sa.text("UPDATE outbox_session SET expires_at = now() + interval '1 hour'")
+            sa.text("UPDATE outbox_session SET ended_at = now() - interval '301 seconds'")
         )
+    gone = await _record(store, stream_id, lane_id, 1, session=two)
+    assert gone[0].deliver_to == []  # born resolved: nobody is owed it
+
+
+async def test_joining_again_moves_what_the_earlier_registration_was_owed(
+    store: OutboxStore,
+) -> None:
+    """A follower's triggerer restarts (the reader lives on): what its subscriber was owed,
+    and what was recorded while it was away, is now owed to it through its new registration;
+    nothing is failed."""
+    stream_id, lane_id = await _stream(store)
+    reader = await store.create_session("reader", ttl=60)
+    old = await store.create_session("follower-old", ttl=60)
+    await store.register(stream_id, ["r"], reader)
+    await store.register(stream_id, ["f"], old)
+    before = await _record(store, stream_id, lane_id, 2, session=reader)
+    await store.end_session(old)  # stopped: away
+    during = await _record(store, stream_id, lane_id, 1, session=reader)
+    assert sorted(during[0].deliver_to) == ["f", "r"]
+    new = await store.create_session("follower-new", ttl=60)
+    ids, moved = await store.register(stream_id, ["f"], new)
+    assert moved == 3
+    assert {(n, owner) for _, n, owner, _ in await _deliveries(store) if n == "f"} == {
+        ("f", ids["f"])
+    }
+    assert await store.fail_expired() == 0
+    owed = await store.owed_deliveries(stream_id, [ids["f"]])
+    assert [e for e, *_ in owed] == [e.event_id for e in (*before, *during)]
+
+
+async def test_events_without_identity_of_a_reader_that_is_gone_fail_at_once(
+    store: OutboxStore,
+) -> None:
+    """The only triggerer (the reader) restarts: the broker delivers its unadvanced messages
+    again to the new reader, so an event without identity that the old one recorded is failed
+    at once (a new event replaces it), not moved to the subscriber's new registration; an event
+    with identity is moved (its redelivery is deduplicated into it)."""
+    stream_id, lane_id = await _stream(store)
+    old = await store.create_session("triggerer-old", ttl=60)
+    await store.register(stream_id, ["a"], old)
+    plain = await _record(store, stream_id, lane_id, 1, session=old)
+    keyed = await _record(store, stream_id, lane_id, 1, session=old, identity="m")
+    assert await store.fail_expired() == 0
+    await store.end_session(old)
+    new = await store.create_session("triggerer-new", ttl=60)
+    ids, moved = await store.register(stream_id, ["a"], new)
+    assert moved == 1
+    assert await store.fail_expired() == 1
+    states = {e: (owner, state) for e, _, owner, state in await _deliveries(store)}
+    assert states[plain[0].event_id][1] == "failed"
+    assert states[keyed[0].event_id] == (ids["a"], None)
+
+
+async def test_what_a_subscriber_that_left_was_owed_fails_at_once(store: OutboxStore) -> None:
+    stream_id, lane_id = await _stream(store)
+    session = await store.create_session("triggerer", ttl=60)
+    ids, _ = await store.register(stream_id, ["a", "b"], session)
     events = await _record(store, stream_id, lane_id, 1, session=session)
+    await store.unregister([ids["b"]])
+    assert await store.fail_expired() == 1
+    assert {(n, state) for e, n, _, state in await _deliveries(store)} == {
+        ("a", None),
+        ("b", "failed"),
+    }
+    assert events[0].deliver_to == ["a", "b"]
+
+
+async def test_sweep_ends_expired_sessions_and_times_out_what_they_owed(
+    store: OutboxStore,
+) -> None:
+    """A triggerer that died (its session expired): what it was owed fails the ack timeout
+    after it was recorded, or after the session died if that came first."""
+    stream_id, lane_id = await _stream(store, ack_timeout=60)
+    session = await store.create_session("triggerer", ttl=60)
+    await store.register(stream_id, ["a"], session)
+    events = await _record(store, stream_id, lane_id, 1, session=session, identity="k")
     assert events[0].deliver_to == ["a"]
     async with store.engine.begin() as conn:
         await conn.execute(sa.text("UPDATE outbox_session SET expires_at = now()"))
-    assert await store.fail_expired() == 1
+    assert await store.fail_expired() == 0  # away: it may be back within the ack timeout
     # Ended by the sweep: a heartbeat cannot revive it.
     assert await store.renew_session(session, ttl=60) is None
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            sa.text("UPDATE outbox_session SET ended_at = now() - interval '61 seconds'")
+        )
+    assert await store.fail_expired() == 1
 
 
 async def test_sweep_fails_by_database_clock_ack_timeout_whoever_owes_it(
@@ -142,9 +191,9 @@ async def test_sweep_fails_by_database_clock_ack_timeout_whoever_owes_it(
 async def test_sweep_leaves_lanes_another_committer_holds(store: OutboxStore) -> None:
     stream_id, lane_id = await _stream(store)
     session = await store.create_session("triggerer", ttl=60)
-    await store.register(stream_id, ["a"], session)
+    ids, _ = await store.register(stream_id, ["a"], session)
     await _record(store, stream_id, lane_id, 1, session=session)
-    await store.end_session(session)
+    await store.unregister(list(ids.values()))
     assert await store.take_lease(lane_id, "committer-1", 30) is not None
     assert await store.fail_expired(owner="committer-2") == 0
     assert await store.fail_expired(owner="committer-1") == 1
@@ -157,10 +206,10 @@ async def test_a_redelivery_owes_the_event_through_the_current_registration(
     old = await store.create_session("triggerer-old", ttl=60)
     await store.register(stream_id, ["a"], old)
     first = await _record(store, stream_id, lane_id, 1, session=old, identity="m")
-    new = await store.create_session("triggerer-new", ttl=60)
-    current = await store.register(stream_id, ["a"], new)
     await store.end_session(old)
-    # Redelivered before any sweep: the pending occurrence is reused, owed through the new one.
+    new = await store.create_session("triggerer-new", ttl=60)
+    current, _ = await store.register(stream_id, ["a"], new)
+    # Redelivered: the pending occurrence is reused, owed through the new registration.
     again = await _record(store, stream_id, lane_id, 1, session=new, identity="m")
     assert again[0].event_id == first[0].event_id
     assert again[0].deliver_to == ["a"]
@@ -188,7 +237,7 @@ async def test_owed_deliveries_of_a_follower(store: OutboxStore) -> None:
     leader = await store.create_session("triggerer-1", ttl=60)
     follower = await store.create_session("triggerer-2", ttl=60)
     await store.register(stream_id, ["a"], leader)
-    ids = await store.register(stream_id, ["b", "c"], follower)
+    ids, _ = await store.register(stream_id, ["b", "c"], follower)
     events = await _record(store, stream_id, lane_id, 3, session=leader)
     async with store.engine.begin() as conn:
         await store.resolve(

@@ -1,13 +1,17 @@
-"""A triggerer process for the end-to-end test: one ``SharedStreamManager`` (no in-process
-committer: a separate `outbox committer` advances the stream) with the three ``E2ETrigger``
-subscribers (``all``, ``reject``, ``even``) on one Kafka topic, each subscriber's iterator
+"""A triggerer process for the end-to-end tests: one ``SharedStreamManager`` (no in-process
+committer: a separate `outbox committer` advances the stream) with ``E2ETrigger`` subscribers
+(``all``, ``reject``, ``even``, or those given) on one Kafka topic, each subscriber's iterator
 drained, progress printed every second.
 
     python -m tests.e2e.triggerer --database-url URL --bootstrap HOST:PORT --topic T \
-        --group G --dlq DLQ [--ack-timeout 60] [--slow-delay 0.001]
+        --group G --dlq DLQ [--ack-timeout 60] [--slow-delay 0.001] \
+        [--modes all,even | --modes-file PATH]
 
-SIGTERM or SIGINT stops it gracefully (``stop_all``; exit 0). A subscriber that ends with an
-error is printed (``subscriber failed: ...``) and exits 3. SIGKILL is what the test sends.
+With ``--modes-file`` the subscribers are the modes listed in that file (comma-separated),
+read again every 0.2 s: a mode added is subscribed, a mode removed unsubscribed (a subscriber
+moving between triggerers). SIGTERM or SIGINT stops it gracefully (``stop_all``; exit 0). A
+subscriber that ends with an error is printed (``subscriber failed: ...``) and exits 3. SIGKILL
+is what the tests send.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psycopg
 
 from outbox import OutboxStore, SharedStreamManager
-from tests.e2e.triggers import COMMIT_LOG_TABLE, MODES, E2ETrigger, plain_dsn
+from outbox._aio import wait_event
+from tests.e2e.triggers import COMMIT_LOG_TABLE, GHOST, MODES, E2ETrigger, plain_dsn
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -46,6 +52,17 @@ async def report(counts: dict[str, int]) -> None:
         emit("progress " + " ".join(f"{mode}={counts[mode]}" for mode in MODES))
 
 
+def wanted_modes(args: argparse.Namespace) -> list[str]:
+    if args.modes_file:
+        try:
+            text = Path(args.modes_file).read_text()
+        except FileNotFoundError:
+            return []
+    else:
+        text = args.modes
+    return [m for m in (part.strip() for part in text.split(",")) if m in (*MODES, GHOST)]
+
+
 async def main(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -57,42 +74,58 @@ async def main(args: argparse.Namespace) -> int:
         await conn.execute(COMMIT_LOG_TABLE)
     async with OutboxStore.from_url(args.database_url) as store:
         await store.check_schema()
-        manager = SharedStreamManager(store, ack_timeout=args.ack_timeout, run_committer=False)
+        manager = SharedStreamManager(
+            store,
+            ack_timeout=args.ack_timeout,
+            run_committer=False,
+            session_ttl=args.session_ttl,
+            follow_interval=0.2,
+        )
         common = {
             "topics": [args.topic],
             "bootstrap_servers": args.bootstrap,
             "group_id": args.group,
             "dead_letter_topic": args.dlq,
             "commit_log_dsn": args.database_url,
+            "redelivery_delay": args.redelivery_delay,
         }
-        counts = dict.fromkeys(MODES, 0)
-        # Subscribed in one go, before the stream polls: all three are in every snapshot.
-        streams = {
-            mode: manager.subscribe(
-                trigger_id=mode,
-                trigger=E2ETrigger(
-                    mode=mode, delay=args.slow_delay if mode == "even" else 0.0, **common
-                ),
+        counts = dict.fromkeys((*MODES, GHOST), 0)
+        drains: dict[str, asyncio.Task[None]] = {}
+
+        def subscribe(mode: str) -> None:
+            trigger = E2ETrigger(
+                mode=mode, delay=args.slow_delay if mode == "even" else 0.0, **common
             )
-            for mode in MODES
-        }
-        drains = [
-            asyncio.create_task(drain(events, counts, mode), name=mode)
-            for mode, events in streams.items()
-        ]
+            events = manager.subscribe(trigger_id=mode, trigger=trigger)
+            drains[mode] = asyncio.create_task(drain(events, counts, mode), name=mode)
+
+        # Subscribed in one go, before the stream polls: all of them are in every snapshot.
+        for mode in wanted_modes(args):
+            subscribe(mode)
         progress = asyncio.create_task(report(counts))
-        emit(f"ready pid={os.getpid()}")
-        stopped = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({stopped, *drains}, return_when=asyncio.FIRST_COMPLETED)
+        emit(f"ready pid={os.getpid()} modes={','.join(drains)}")
         code = 0
-        for task in drains:
-            if task in done:
-                emit(f"subscriber failed: {task.get_name()}: {task.exception()!r}")
-                code = 3
+        while not stop.is_set() and code == 0:
+            await wait_event(stop, 0.2)
+            for mode, task in list(drains.items()):
+                if task.done() and task.exception() is not None:
+                    emit(f"subscriber failed: {mode}: {task.exception()!r}")
+                    code = 3
+                elif task.done():  # it joined on another triggerer: it left this one
+                    emit(f"subscriber ended: {mode}")
+                    del drains[mode]
+            if args.modes_file and code == 0 and not stop.is_set():
+                wanted = wanted_modes(args)
+                for mode in [m for m in drains if m not in wanted]:
+                    await manager.unsubscribe(mode, E2ETrigger.key_of(common))
+                    drains.pop(mode).cancel()
+                    emit(f"unsubscribed {mode}")
+                for mode in [m for m in wanted if m not in drains]:
+                    subscribe(mode)
+                    emit(f"subscribed {mode}")
         await manager.stop_all()
         progress.cancel()
-        stopped.cancel()
-        await asyncio.gather(*drains, progress, stopped, return_exceptions=True)
+        await asyncio.gather(*drains.values(), progress, return_exceptions=True)
         emit(
             f"stopped pid={os.getpid()} code={code} " + " ".join(f"{m}={counts[m]}" for m in MODES)
         )
@@ -109,6 +142,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--group", required=True, help="consumer group the offsets go to")
     parser.add_argument("--dlq", required=True, help="dead-letter topic for rejected messages")
     parser.add_argument("--ack-timeout", type=float, default=60.0, help="seconds")
+    parser.add_argument("--modes", default=",".join(MODES), help="subscribers to run here")
+    parser.add_argument("--modes-file", help="file listing the subscribers to run here")
+    parser.add_argument("--session-ttl", type=float, default=None, help="seconds")
+    parser.add_argument(
+        "--redelivery-delay", type=float, default=30.0, help="seconds before a hold is read again"
+    )
     parser.add_argument(
         "--slow-delay",
         type=float,

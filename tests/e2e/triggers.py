@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 MODES = ("all", "reject", "even")
 """``all`` accepts every message; ``reject`` rejects those with ``n % 17 == 0`` (dead-lettered)
 and accepts the rest; ``even`` accepts every message but fires only for even ``n``."""
+GHOST = "ghost"
+"""A subscriber like ``all`` that a test runs for a moment on a triggerer it then kills for
+good: what it was owed must not hold anything up."""
 
 COMMIT_LOG_TABLE = """
 CREATE TABLE IF NOT EXISTS e2e_commit_log (
@@ -92,8 +95,8 @@ class E2ETrigger(KafkaSharedTrigger):
         self, *, mode: str, commit_log_dsn: str, delay: float = 0.0, **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode not in (*MODES, GHOST):
+            raise ValueError(f"mode must be one of {MODES} or {GHOST!r}, got {mode!r}")
         self.mode = mode
         self.commit_log_dsn = commit_log_dsn
         self.delay = delay
@@ -107,6 +110,16 @@ class E2ETrigger(KafkaSharedTrigger):
             "delay": self.delay,
         }
 
+    @staticmethod
+    def key_of(kwargs: dict[str, Any]) -> Any:
+        """The stream key of triggers built with these keyword arguments."""
+        return (
+            "kafka",
+            kwargs["bootstrap_servers"],
+            kwargs["group_id"],
+            tuple(sorted(kwargs["topics"])),
+        )
+
     @classmethod
     def create_shared_stream_producer(cls, kwargs: dict[str, Any]) -> CommitLoggingProducer:
         return CommitLoggingProducer(
@@ -116,6 +129,7 @@ class E2ETrigger(KafkaSharedTrigger):
             dead_letter_topic=kwargs.get("dead_letter_topic"),
             policy=RoutingPolicy(**(kwargs.get("policy") or {})),
             commit_log_dsn=kwargs["commit_log_dsn"],
+            redelivery_delay=kwargs.get("redelivery_delay", 30.0),
         )
 
     async def filter_shared_stream(
