@@ -22,8 +22,9 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from outbox._aio import wait_event
+from outbox.codec import Codec
 from outbox.core import backoff_delay, canonical_json, contiguous_resolved_prefix, short_repr
-from outbox.errors import ConfigurationError
+from outbox.errors import ConfigurationError, UndecodableValue
 from outbox.interop import adapt_producer
 from outbox.protocol import AdvanceItem, AdvanceOutcome, SharedStreamProducer
 from outbox.store import AdvancedBatch
@@ -59,7 +60,9 @@ class LaneCommitter:
 
     :param store: the ``OutboxStore``.
     :param allowed_modules: module prefixes whose trigger classes may be imported to rebuild a
-        stream's producer from the class path and kwargs stored with the stream.
+        stream's producer from the class path and kwargs stored with the stream, and whose
+        NamedTuple and Enum classes may be imported to rebuild stored broker payloads (classes
+        this process encoded itself, as an in-process committer's manager did, need none).
     :param producers: producer instances or factories by stream key (``shared_stream_key()``),
         used instead of rebuilding.
     :param batch_size: most events one ``advance`` call carries.
@@ -99,6 +102,7 @@ class LaneCommitter:
             raise ValueError(f"lease_seconds must be positive, got {lease_seconds!r}")
         self._store = store
         self.allowed_modules = tuple(m.rstrip(".") for m in allowed_modules)
+        self._codec = Codec(self.allowed_modules)
         self._by_key: dict[str, ProducerSource] = {
             canonical_json(key, what="producer key"): source
             for key, source in (producers or {}).items()
@@ -387,11 +391,20 @@ class LaneCommitter:
         started = time.perf_counter()
         try:
             deserialize = producer.deserialize_payload
+            decode = self._codec.decode_parsed  # the store hands over JSON with its tags
             batch = [
-                AdvanceItem(deserialize(e.payload), _outcome(e.acked, e.failed, e.rejected))
+                AdvanceItem(deserialize(decode(e.payload)), _outcome(e.acked, e.failed, e.rejected))
                 for e in prefix
             ]
             await producer.advance(batch)
+        except UndecodableValue as exc:  # nothing was sent; the producer is fine
+            log.error(
+                "A stored broker payload cannot be decoded; lane stays unadvanced: %s",
+                exc,
+                extra={"stream_id": lease.stream_id, "lane": lease.lane_key},
+            )
+            await self._failed(lease, f"{type(exc).__name__}: {exc}")
+            return None
         except Exception as exc:
             if self.metrics is not None:
                 self.metrics.failed(time.perf_counter() - started)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from outbox._aio import wait_event
+from outbox.codec import encode as encode_for_storage
 from outbox.committer import LaneCommitter
 from outbox.core import (
     ACKED,
@@ -372,7 +373,7 @@ class SharedStreamManager:
         return _Stream(
             key=key,
             where=where,
-            what_raw=f"{where}: raw event",
+            what_raw=f"{where}: raw event (override serialize_event)",
             what_payload=(
                 f"{where}: broker payload (override serialize_payload/deserialize_payload)"
             ),
@@ -557,8 +558,10 @@ class SharedStreamManager:
                     "expected str or None"
                 )
             storable_key(identity, what=f"{where}: get_event_key returned")
-        raw_json = to_json(producer.serialize_event(raw), what=stream.what_raw)
-        payload_json = to_json(producer.serialize_payload(payload), what=stream.what_payload)
+        raw_json = encode_for_storage(producer.serialize_event(raw), what=stream.what_raw)
+        payload_json = encode_for_storage(
+            producer.serialize_payload(payload), what=stream.what_payload
+        )
         if lane_id is None:
             lane_json = storable_key(
                 canonical_json(lane, what=f"{where}: lane"), what=f"{where}: lane"
@@ -790,10 +793,7 @@ class SharedStreamManager:
                 f"stream {stream.key!r}: subscriber {subscriber.trigger_id} yielded "
                 f"{type(trigger_event).__name__}, expected TriggerEvent"
             )
-        payload_json = to_json(
-            trigger_event.payload,
-            what=subscriber.what_trigger_event,
-        )
+        payload_json = encode_for_storage(trigger_event.payload, what=subscriber.what_trigger_event)
         if subscriber.failed:
             return
         if stream.ack_mode and subscriber.window is not None:
