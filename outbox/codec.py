@@ -490,7 +490,7 @@ _DECODERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "decimal": lambda tagged: decimal.Decimal(tagged["v"]),
     "uuid": lambda tagged: uuid.UUID(tagged["v"]),
 }
-_CLASS_TAGS: Final = frozenset({"namedtuple", "enum"})
+_no_containers: Callable[[Iterable[type]], bool] = frozenset({dict, list}).isdisjoint
 
 
 def _is_namedtuple_class(kind: Any) -> bool:
@@ -541,14 +541,18 @@ class Codec:
         """The value stored as ``value``, JSON already parsed (as asyncpg gives a jsonb column,
         tags intact). ``value`` itself is left as it is."""
         kind = type(value)
-        if kind is dict or kind is list:
-            try:
-                return self._revive(value)
-            except RecursionError:
-                raise UndecodableValue(
-                    "stored value is nested too deeply to decode; raise the recursion limit"
-                ) from None
-        return value
+        if kind is dict:
+            # A flat, untagged dict (the usual payload): nothing to decode.
+            if TAG not in value and _no_containers(map(type, value.values())):
+                return value
+        elif kind is not list:
+            return value
+        try:
+            return self._revive(value)
+        except RecursionError:
+            raise UndecodableValue(
+                "stored value is nested too deeply to decode; raise the recursion limit"
+            ) from None
 
     def _revive(self, value: Any) -> Any:
         copy: Any = None
