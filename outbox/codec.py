@@ -30,8 +30,9 @@ decimal    ``decimal.Decimal``; ``"v"``: ``str`` (exponent, sign and NaN kept)
 uuid       ``uuid.UUID``; ``"v"``: ``str``
 ========== ==================================================================================
 
-Subclasses of ``str``, ``int``, ``float``, ``list``, ``dict`` and ``tuple`` other than enums and
-NamedTuples are stored as their base type (equal in value, as ``to_json`` stored them).
+Subclasses of these types other than enums and NamedTuples (a ``str`` subclass, an
+``OrderedDict``, a pendulum ``DateTime``) are stored as their base type: they come back equal
+in value, as the base type (as ``to_json`` stored them).
 
 Decoding never runs code from the stored text: no pickle, no eval. A NamedTuple or Enum class is
 rebuilt only if this process encoded an instance of that very class, or if its module is inside
