@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import decimal
 import json
+import zoneinfo
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pytest
 import sqlalchemy as sa
-from hypothesis import HealthCheck, given, settings
+from airflow.providers.apache.kafka.triggers.shared_stream import KafkaBrokerPayload
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from outbox import LaneCommitter, OutboxReader, OutboxStore, UndecodableValue
@@ -64,6 +67,18 @@ def jsonb(database_url: str) -> Iterator[JsonbRoundTrip]:
 
 
 @given(value=zoo)
+@example(
+    value={
+        1: [(b"\x00\x00\x00\x00\x07avro", "nul\x00", "\ud800"), Point(b"\x00", None)],
+        (2, "k"): [
+            datetime.datetime(2024, 3, 31, 2, 30, tzinfo=zoneinfo.ZoneInfo("Europe/Paris")),
+            datetime.datetime(2024, 3, 31, 2, 30),
+            decimal.Decimal("-0.000"),
+            None,
+        ],
+        "k": KafkaBrokerPayload("orders", 0, 7, b"\x00\x00\x00\x00\x02pb", None),
+    }
+)
 @settings(
     max_examples=300,
     deadline=None,
