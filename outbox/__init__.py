@@ -14,6 +14,7 @@ from outbox.errors import (
     OutboxError,
     SchemaNotMigrated,
     StreamTerminated,
+    UndecodableValue,
 )
 from outbox.manager import SharedStreamManager, SubscriberOverflow
 from outbox.protocol import (
@@ -45,5 +46,6 @@ __all__ = (
     "StreamTerminated",
     "SubscriberOverflow",
     "TriggerEvent",
+    "UndecodableValue",
     "reject_shared_stream_event",
 )

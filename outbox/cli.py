@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="allowed_modules",
         action="append",
         default=None,
-        help="module prefix whose trigger classes may be imported to rebuild producers "
+        help="module prefix whose trigger classes may be imported to rebuild producers, and "
+        "whose NamedTuple and Enum classes to rebuild stored broker payloads "
         "(repeatable; env OUTBOX_ALLOWED_MODULES, comma-separated)",
     )
     committer.add_argument(

@@ -23,8 +23,9 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from outbox._aio import wait_event
+from outbox.codec import Codec
 from outbox.core import backoff_delay, canonical_json, contiguous_resolved_prefix, short_repr
-from outbox.errors import ConfigurationError
+from outbox.errors import ConfigurationError, UndecodableValue
 from outbox.interop import adapt_producer
 from outbox.protocol import AdvanceItem, AdvanceOutcome, SharedStreamProducer
 from outbox.store import AdvancedBatch
@@ -60,7 +61,9 @@ class LaneCommitter:
 
     :param store: the ``OutboxStore``.
     :param allowed_modules: module prefixes whose trigger classes may be imported to rebuild a
-        stream's producer from the class path and kwargs stored with the stream.
+        stream's producer from the class path and kwargs stored with the stream, and whose
+        NamedTuple and Enum classes may be imported to rebuild stored broker payloads (classes
+        this process encoded itself, as an in-process committer's manager did, need none).
     :param producers: producer instances or factories by stream key (``shared_stream_key()``),
         used instead of rebuilding.
     :param batch_size: most events one ``advance`` call carries.
@@ -101,6 +104,7 @@ class LaneCommitter:
             raise ValueError(f"lease_seconds must be positive, got {lease_seconds!r}")
         self._store = store
         self.allowed_modules = tuple(m.rstrip(".") for m in allowed_modules)
+        self._codec = Codec(self.allowed_modules)
         self._by_key: dict[str, ProducerSource] = {
             canonical_json(key, what="producer key"): source
             for key, source in (producers or {}).items()
@@ -131,8 +135,17 @@ class LaneCommitter:
 
     # -- producers handed in by an in-process manager ------------------------------------------
 
-    def add_producer(self, stream_id: int, producer: SharedStreamProducer) -> None:
+    def add_producer(
+        self, stream_id: int, producer: SharedStreamProducer, *, modules: Iterable[str] = ()
+    ) -> None:
+        """Advance ``stream_id`` with ``producer`` (an in-process manager's): classes in its
+        stored payloads may come from the producer's module and ``modules`` (its trigger's),
+        after a restart too, when this process has not encoded one yet."""
         self._local[stream_id] = producer
+        inner = getattr(producer, "inner", producer)
+        trusted = {type(inner).__module__, *modules} - set(self._codec.allowed_modules)
+        if trusted:
+            self._codec = Codec((*self._codec.allowed_modules, *sorted(trusted)))
 
     def remove_producer(self, stream_id: int, producer: SharedStreamProducer | None = None) -> None:
         """Forget the producer of ``stream_id`` (only if it is still ``producer``, when given)."""
@@ -406,8 +419,9 @@ class LaneCommitter:
         started = time.perf_counter()
         try:
             deserialize = producer.deserialize_payload
+            decode = self._codec.decode_parsed  # the store hands over JSON with its tags
             batch = [
-                AdvanceItem(deserialize(e.payload), _outcome(e.acked, e.failed, e.rejected))
+                AdvanceItem(deserialize(decode(e.payload)), _outcome(e.acked, e.failed, e.rejected))
                 for e in prefix
             ]
             await producer.advance(batch)
@@ -417,6 +431,14 @@ class LaneCommitter:
                     f"describe_hold returned {type(held).__name__}, expected str or None; "
                     "return the held event's identity"
                 )
+        except UndecodableValue as exc:  # nothing was sent; the producer is fine
+            log.error(
+                "A stored broker payload cannot be decoded; lane stays unadvanced: %s",
+                exc,
+                extra={"stream_id": lease.stream_id, "lane": lease.lane_key},
+            )
+            await self._failed(lease, f"{type(exc).__name__}: {exc}")
+            return None
         except Exception as exc:
             if self.metrics is not None:
                 self.metrics.failed(time.perf_counter() - started)

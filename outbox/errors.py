@@ -8,6 +8,7 @@ __all__ = (
     "OutboxError",
     "SchemaNotMigrated",
     "StreamTerminated",
+    "UndecodableValue",
 )
 
 
@@ -30,3 +31,8 @@ class SchemaNotMigrated(OutboxError):
 class StreamTerminated(OutboxError):
     """The stream's producer returned; shared streams are expected to run for the lifetime of
     the group."""
+
+
+class UndecodableValue(OutboxError, ValueError):
+    """A stored raw event, broker payload or trigger event cannot be decoded: its class is
+    outside the allowed modules or cannot be imported, or the stored text is not outbox's."""

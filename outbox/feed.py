@@ -12,11 +12,12 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from outbox.codec import encode
 from outbox.core import canonical_json, storable_key
 from outbox.errors import StreamTerminated
-from outbox.group import await_task, decode_raw, uncancelled
+from outbox.group import await_task, uncancelled
 from outbox.interop import adapt_producer, advances_from_consumer
-from outbox.protocol import SharedStreamProducer, to_json
+from outbox.protocol import SharedStreamProducer
 from outbox.store import EventToRecord
 
 if TYPE_CHECKING:
@@ -64,7 +65,9 @@ async def run_group(group: StreamGroup) -> None:
             )
             await _lead_when_possible(group, producer)
             if host.committer is not None:
-                host.committer.add_producer(group.stream_id, producer)
+                host.committer.add_producer(
+                    group.stream_id, producer, modules=(group.trigger_class.__module__,)
+                )
             if type(producer).on_hold_reported is not SharedStreamProducer.on_hold_reported:
                 group.hold_reports = asyncio.get_running_loop().create_task(
                     _report_holds(group, producer), name=f"shared-stream-holds[{group.key!r}]"
@@ -216,7 +219,7 @@ async def _hand_out_owed(group: StreamGroup, *, full: bool) -> None:
         if (event_id, name) in settling or (event_id, name) in group.settling:
             continue
         if not events or events[-1][0] != event_id:
-            events.append((event_id, decode_raw(raw_text), [], {}))
+            events.append((event_id, group.decode_raw(raw_text), [], {}))
         events[-1][2].append(name)
         events[-1][3][name] = registration
     if rows and len({r[0] for r in rows}) < room:
@@ -253,8 +256,10 @@ async def _stage(group: StreamGroup, producer: SharedStreamProducer, item: Any) 
                 f"{where}: get_event_key returned {type(identity).__name__}, expected str or None"
             )
         storable_key(identity, what=f"{where}: get_event_key returned")
-    raw_json = to_json(producer.serialize_event(raw), what=f"{where}: raw event")
-    payload_json = to_json(
+    raw_json = encode(
+        producer.serialize_event(raw), what=f"{where}: raw event (override serialize_event)"
+    )
+    payload_json = encode(
         producer.serialize_payload(payload),
         what=f"{where}: broker payload (override serialize_payload/deserialize_payload)",
     )

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from outbox.codec import Codec, encode
 from outbox.core import (
     ACKED,
     FAILED,
@@ -125,6 +125,7 @@ class StreamGroup:
     # Tells the producer where the committer recorded the stream held (``describe_hold``).
     hold_reports: asyncio.Task[None] | None = None
     catching_up: asyncio.Task[None] | None = None
+    codec: Codec | None = None
     catch_up_again: bool = False
     terminated: bool = False
     stopping: bool = False
@@ -208,6 +209,19 @@ class StreamGroup:
             self.catching_up = asyncio.get_running_loop().create_task(
                 catch_up(self), name=f"shared-stream-catch-up[{self.key!r}]"
             )
+
+    def decode_raw(self, text: str | None) -> Any:
+        """A raw event as stored (for a follower, which did not read it from the broker):
+        classes in it are rebuilt from the modules of the stream's trigger and producer."""
+        if text is None:
+            return None
+        if self.codec is None:
+            modules = [self.trigger_class.__module__]
+            if self.producer is not None:
+                inner = getattr(self.producer, "inner", self.producer)
+                modules.append(type(inner).__module__)
+            self.codec = Codec(modules)
+        return self.codec.decode(text)
 
     def raw_stream(self, subscriber: Subscriber) -> AsyncIterator[Any]:
         """What the subscriber's filter reads."""
@@ -364,7 +378,7 @@ class StreamGroup:
                 f"{self.where}: subscriber {subscriber.trigger_id} yielded "
                 f"{type(trigger_event).__name__}, expected TriggerEvent"
             )
-        payload_json = to_json(trigger_event.payload, what=subscriber.what_trigger_event)
+        payload_json = encode(trigger_event.payload, what=subscriber.what_trigger_event)
         if subscriber.failed:
             return
         if self.ack_mode and subscriber.window is not None:
@@ -772,8 +786,3 @@ async def uncancelled(operation: Any) -> Any:
         with contextlib.suppress(Exception):
             await task
         raise
-
-
-def decode_raw(text: str | None) -> Any:
-    """A raw event as stored (for a follower, which did not read it from the broker)."""
-    return None if text is None else json.loads(text)

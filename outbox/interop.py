@@ -91,12 +91,21 @@ def is_base_event_trigger(klass: type) -> bool:
 
 
 class _ForeignProducer(SharedStreamProducer):
-    """An Airflow ``SharedStreamProducer`` seen through outbox's producer interface (identity,
-    storage hooks at their defaults)."""
+    """An Airflow ``SharedStreamProducer`` seen through outbox's producer interface: identity and
+    the storage hooks are the wrapped producer's where it defines them, else outbox's defaults
+    (the codec stores Airflow's payloads, ``KafkaBrokerPayload`` included, as they are)."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self._event_key = _event_key_of(inner)
+        # Looked up once: the storage hooks run for every event.
+        self._serialize_payload: Callable[[Any], Any] | None = getattr(
+            inner, "serialize_payload", None
+        )
+        self._deserialize_payload: Callable[[Any], Any] | None = getattr(
+            inner, "deserialize_payload", None
+        )
+        self._serialize_event: Callable[[Any], Any] | None = getattr(inner, "serialize_event", None)
 
     def open_stream(self) -> AsyncIterator[tuple[Any, Any]]:
         stream: AsyncIterator[tuple[Any, Any]] = self.inner.open_stream()
@@ -112,6 +121,18 @@ class _ForeignProducer(SharedStreamProducer):
 
     def get_event_key(self, broker_payload: Any) -> str | None:
         return None if self._event_key is None else self._event_key(broker_payload)
+
+    def serialize_payload(self, broker_payload: Any) -> Any:
+        hook = self._serialize_payload
+        return broker_payload if hook is None else hook(broker_payload)
+
+    def deserialize_payload(self, stored: Any) -> Any:
+        hook = self._deserialize_payload
+        return stored if hook is None else hook(stored)
+
+    def serialize_event(self, raw_event: Any) -> Any:
+        hook = self._serialize_event
+        return raw_event if hook is None else hook(raw_event)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

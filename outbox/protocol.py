@@ -128,16 +128,27 @@ class SharedStreamProducer(ABC):
         """
 
     def serialize_payload(self, broker_payload: Any) -> Any:
-        """Turn a broker payload into a JSON value for storage (default: as is)."""
+        """Turn a broker payload into a value for storage (default: as is).
+
+        What this returns is stored by ``outbox.codec``: plain JSON as JSON, and losslessly,
+        as tagged JSON, ``bytes`` (NUL and 0x00-framed values included), ``str`` holding NUL,
+        tuples, NamedTuples, enums, dicts with non-``str`` keys, sets, datetimes, dates, times,
+        timedeltas, ``Decimal``, ``UUID`` and NaN or infinite floats. Override it for anything
+        else (an arbitrary object is refused with a one-line error), together with
+        ``deserialize_payload``.
+        """
         return broker_payload
 
     def deserialize_payload(self, stored: Any) -> Any:
-        """Rebuild a broker payload from its stored JSON value (default: as is; a tuple comes
-        back as a list)."""
+        """Rebuild a broker payload from what ``serialize_payload`` returned, as ``outbox.codec``
+        gives it back (default: as is: by default ``advance`` receives the payload equal in
+        type and value to what ``open_stream`` yielded). A NamedTuple or Enum class is rebuilt
+        in a separate committer only from its ``allowed_modules``."""
         return stored
 
     def serialize_event(self, raw_event: Any) -> Any:
-        """Turn a raw event into a JSON value for storage (default: as is)."""
+        """Turn a raw event into a value for storage (default: as is; stored by
+        ``outbox.codec``, so the types ``serialize_payload`` lists are kept as they are)."""
         return raw_event
 
     async def aclose(self) -> None:  # noqa: B027 - a hook with an empty default

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import DBAPIError
 
 from outbox._aio import wait_event
+from outbox.codec import Codec
 from outbox.core import backoff_delay, canonical_json
 from outbox.writer import error_line, is_transient
 
@@ -34,7 +35,8 @@ log = logging.getLogger("outbox.reader")
 
 @dataclass(frozen=True, slots=True)
 class OutboxRecord:
-    """One stored trigger event."""
+    """One stored trigger event; ``payload`` as the trigger yielded it (bytes, tuples,
+    datetimes and the other types ``outbox.codec`` stores come back as they were)."""
 
     id: int
     stream_id: int
@@ -63,6 +65,9 @@ class OutboxReader:
     :param subscribers: only records of these subscribers (``str(trigger_id)``).
     :param batch_size: most records one claim returns.
     :param poll_interval: seconds ``run`` waits for a notification before looking anyway.
+    :param allowed_modules: module prefixes whose NamedTuple and Enum classes may be imported
+        to rebuild stored payloads (classes this process encoded itself need none); a payload
+        of any other class fails the claim with ``UndecodableValue``.
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class OutboxReader:
         subscribers: Sequence[str] | None = None,
         batch_size: int = 100,
         poll_interval: float = 1.0,
+        allowed_modules: Sequence[str] = (),
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
@@ -84,6 +90,7 @@ class OutboxReader:
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self._wakeup = asyncio.Event()
+        self._codec = Codec(allowed_modules)
 
     async def claim(self, conn: AsyncConnection, *, limit: int | None = None) -> list[OutboxRecord]:
         """Lock and return the oldest undispatched records of one stream that no other reader
@@ -94,7 +101,11 @@ class OutboxReader:
             subscribers=self._subscribers,
             limit=limit or self.batch_size,
         )
-        return [OutboxRecord(*row) for row in rows]
+        decode = self._codec.decode_parsed
+        return [
+            OutboxRecord(record_id, stream_id, event_id, subscriber, ordinal, decode(payload))
+            for record_id, stream_id, event_id, subscriber, ordinal, payload in rows
+        ]
 
     async def mark_dispatched(self, conn: AsyncConnection, records: Sequence[OutboxRecord]) -> None:
         """Mark ``records`` dispatched in the caller's transaction on ``conn``."""

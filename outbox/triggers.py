@@ -20,7 +20,8 @@ __all__ = ("BaseEventTrigger", "ShareableTrigger", "TriggerEvent")
 
 @dataclass(frozen=True, slots=True)
 class TriggerEvent:
-    """One event a trigger fires; its ``payload`` must be JSON-serialisable to be stored."""
+    """One event a trigger fires; its ``payload`` is stored by ``outbox.codec`` (JSON, and
+    losslessly bytes, tuples, NamedTuples, datetimes, ``Decimal`` and the other types it lists)."""
 
     payload: Any
 

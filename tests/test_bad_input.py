@@ -5,8 +5,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pytest
+import sqlalchemy as sa
 
-from outbox import OutboxStore, SharedStreamManager, SharedStreamProducer, TriggerEvent
+from outbox import (
+    OutboxReader,
+    OutboxStore,
+    SharedStreamManager,
+    SharedStreamProducer,
+    TriggerEvent,
+)
+from outbox.codec import Codec
 from outbox.store import EventToRecord, ResolutionRow
 from tests.streams import RecordingProducer, StreamTrigger, collect, wait_until
 
@@ -39,10 +47,25 @@ async def test_unserialisable_payload_fails_its_stream_only(store: OutboxStore) 
 
 
 async def test_unserialisable_raw_event_names_the_stream(store: OutboxStore) -> None:
+    StreamTrigger.PRODUCERS["raw"] = RecordingProducer([({"when": object()}, "p")])
+    async with SharedStreamManager(store) as manager:
+        with pytest.raises(TypeError, match=r"stream \('queue', 'raw'\): raw event") as failure:
+            await collect(manager.subscribe(trigger_id=1, trigger=StreamTrigger(name="raw")), 1)
+    message = str(failure.value)
+    assert "serialize_event" in message and "type object at ['when']" in message, message
+    assert "\n" not in message
+
+
+async def test_a_set_raw_event_is_stored_as_a_set(store: OutboxStore) -> None:
+    """Sets were refused once (no JSON form); the codec stores them."""
     StreamTrigger.PRODUCERS["raw"] = RecordingProducer([({1, 2}, "p")])
     async with SharedStreamManager(store) as manager:
-        with pytest.raises(TypeError, match=r"stream \('queue', 'raw'\): raw event"):
-            await collect(manager.subscribe(trigger_id=1, trigger=StreamTrigger(name="raw")), 1)
+        assert await collect(
+            manager.subscribe(trigger_id=1, trigger=StreamTrigger(name="raw")), 1
+        ) == [{1, 2}]
+    async with store.engine.connect() as conn:
+        stored = await conn.scalar(sa.text("SELECT raw FROM outbox_event"))
+    assert Codec().decode_parsed(stored) == {1, 2}
 
 
 async def test_lane_that_cannot_be_stored_names_the_stream(store: OutboxStore) -> None:
@@ -70,6 +93,14 @@ async def test_trigger_kwargs_that_do_not_serialise_fail_subscribe_and_leave_not
         assert manager._streams == {}
 
 
+class EmitsObjects(StreamTrigger):
+    async def filter_shared_stream(
+        self, shared_stream: AsyncIterator[Any]
+    ) -> AsyncIterator[TriggerEvent]:
+        async for raw in shared_stream:
+            yield TriggerEvent({"ids": [raw["n"], object()]})
+
+
 class EmitsSets(StreamTrigger):
     async def filter_shared_stream(
         self, shared_stream: AsyncIterator[Any]
@@ -82,13 +113,26 @@ async def test_unserialisable_trigger_event_fails_that_subscriber_only(store: Ou
     producer = RecordingProducer([({"n": i}, f"p{i}") for i in range(2)])
     StreamTrigger.PRODUCERS["te"] = producer
     async with SharedStreamManager(store) as manager:
-        broken = manager.subscribe(trigger_id="broken", trigger=EmitsSets(name="te"))
+        broken = manager.subscribe(trigger_id="broken", trigger=EmitsObjects(name="te"))
         fine = manager.subscribe(trigger_id="fine", trigger=StreamTrigger(name="te"))
         with pytest.raises(TypeError, match="trigger event of subscriber broken"):
             await collect(broken, 1)
         assert await collect(fine, 2) == [{"n": 0}, {"n": 1}]
         await wait_until(lambda: producer.advanced[:1] == ["p0"])
     assert producer.outcomes[0].failed == 1 and producer.outcomes[0].acked == 1
+
+
+async def test_a_trigger_event_holding_a_set_is_stored_and_read_back_as_one(
+    store: OutboxStore,
+) -> None:
+    """Sets were refused once (no JSON form); the codec stores them."""
+    StreamTrigger.PRODUCERS["sets"] = RecordingProducer([({"n": 7}, "p7")])
+    async with SharedStreamManager(store) as manager:
+        stream = manager.subscribe(trigger_id="sets", trigger=EmitsSets(name="sets"))
+        assert await collect(stream, 1) == [{"ids": {7}}]
+    async with store.engine.begin() as conn:
+        claimed = await OutboxReader(store).claim(conn)
+    assert [r.payload for r in claimed] == [{"ids": {7}}]
 
 
 async def test_key_none_and_double_subscribe_are_rejected(store: OutboxStore) -> None:
