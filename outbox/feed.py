@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from typing import TYPE_CHECKING, Any
 
 from outbox.codec import encode
@@ -142,6 +144,8 @@ async def _lead_when_possible(group: StreamGroup, producer: SharedStreamProducer
 
         if await host.writer.retry(take):
             break
+        if await _holder_died_here(group):
+            continue
         if group.role != "follower":
             group.role = "follower"
             log.info(
@@ -154,6 +158,34 @@ async def _lead_when_possible(group: StreamGroup, producer: SharedStreamProducer
     if previous == "follower":
         log.info("took over this stream's producer", extra={"stream": repr(group.key)})
     await _hand_out_owed(group, full=True)
+
+
+async def _holder_died_here(group: StreamGroup) -> bool:
+    """Whether the session holding the stream's producer belonged to a process of this host
+    that no longer runs (a triggerer restarted after a crash): then it is ended at once, and
+    its producer taken over without waiting for the session to expire."""
+    store = group.host.store
+    holder = await group.host.writer.retry(lambda: store.consumer_holder(group.stream_id))
+    if holder is None:
+        return True  # released meanwhile: try again
+    session_id, owner = holder
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        log.info(
+            "the triggerer that ran this stream's producer (%s) is gone; taking over",
+            owner,
+            extra={"stream": repr(group.key)},
+        )
+        await group.host.writer.retry(lambda: store.end_session(session_id))
+        return True
+    except OSError:  # it exists (another user's): alive
+        return False
+    return False
 
 
 async def _follow(group: StreamGroup) -> None:
@@ -179,20 +211,33 @@ async def _follow(group: StreamGroup) -> None:
 
 
 async def catch_up(group: StreamGroup) -> None:
-    """Hand out what the subscribers were moved as they joined again (a leader reads only its
-    producer otherwise; a follower would find it at its next full look)."""
-    group.catch_up_again = True
-    while group.catch_up_again:
-        group.catch_up_again = False
+    """Hand out what the group was asked to look for (``StreamGroup.catch_up``), once what is
+    queued has committed (a resolution of it may be), while it is asked to."""
+    while group.catch_up_upto is not None or group.catch_up_events:
+        upto, group.catch_up_upto = group.catch_up_upto, None
+        event_ids, group.catch_up_events = sorted(group.catch_up_events), set()
         try:
-            await _hand_out_owed(group, full=True)
+            await group.host.writer.barrier()
+            if upto is not None:
+                await _hand_out_owed(group, full=True, upto=upto)
+            if event_ids:
+                await _hand_out_owed(group, full=True, event_ids=event_ids)
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:  # the database is away: a later look finds them
             log.debug("catching up failed (%s)", exc)
 
 
-async def _hand_out_owed(group: StreamGroup, *, full: bool) -> None:
+async def _hand_out_owed(
+    group: StreamGroup,
+    *,
+    full: bool,
+    upto: int | None = None,
+    event_ids: list[int] | None = None,
+) -> None:
     """Read from Postgres the pending deliveries owed to these subscribers through their
-    registrations (recorded since the last look, or all with ``full``) and hand them out."""
+    registrations (recorded since the last look, or all with ``full``; up to event id
+    ``upto``; or among ``event_ids``) and hand them out."""
     host = group.host
     registrations = {
         s.registration: s
@@ -211,7 +256,15 @@ async def _hand_out_owed(group: StreamGroup, *, full: bool) -> None:
     owed_through = list(registrations)
     rows = await host.writer.retry(
         lambda: uncancelled(
-            host.store.owed_deliveries(group.stream_id, owed_through, after=after, limit=room)
+            host.store.owed_deliveries(
+                group.stream_id,
+                owed_through,
+                after=after,
+                upto=upto,
+                event_ids=event_ids,
+                session_id=host.session_id,
+                limit=room,
+            )
         )
     )
     events: list[tuple[int, Any, list[str], dict[str, int]]] = []
@@ -222,8 +275,9 @@ async def _hand_out_owed(group: StreamGroup, *, full: bool) -> None:
             events.append((event_id, group.decode_raw(raw_text), [], {}))
         events[-1][2].append(name)
         events[-1][3][name] = registration
-    if rows and len({r[0] for r in rows}) < room:
+    if rows and len({r[0] for r in rows}) < room and upto is None and event_ids is None:
         group.followed_through = max(group.followed_through, max(r[0] for r in rows))
+    group.from_postgres.update(event_id for event_id, *_ in events)
     group.broadcast(events)
 
 

@@ -125,14 +125,21 @@ class StreamGroup:
     # Tells the producer where the committer recorded the stream held (``describe_hold``).
     hold_reports: asyncio.Task[None] | None = None
     catching_up: asyncio.Task[None] | None = None
+    # What the next catch-up looks for: events up to this id, and these redelivered ones.
+    catch_up_upto: int | None = None
+    catch_up_events: set[int] = field(default_factory=set)
+    # The highest event id this group recorded and handed out.
+    last_recorded: int = 0
     codec: Codec | None = None
-    catch_up_again: bool = False
     terminated: bool = False
     stopping: bool = False
     registering: bool = False
-    # A follower's view of what it was owed: the highest event id read, and deliveries it
-    # resolved whose commit it has not seen yet (Postgres still shows them pending).
+    # What was handed out from Postgres (a follower's events, catch-ups): the highest event id
+    # read as a follower, the events handed out so and still owed here, and the deliveries of
+    # those resolved here whose commit has not been seen yet (Postgres still shows them
+    # pending: a look now must not hand them out again).
     followed_through: int = 0
+    from_postgres: set[int] = field(default_factory=set)
     settling: set[tuple[int, str]] = field(default_factory=set)
     consumer_released: bool = False
     # Registrations of subscribers that left, until they are removed: events recorded for them
@@ -199,12 +206,20 @@ class StreamGroup:
 
         self.host.writer.register(self.stream_id, [subscriber.name], registered)
 
-    def catch_up(self) -> None:
-        """Hand out, from Postgres, what these subscribers are owed and not handed yet (what an
-        earlier registration of theirs was owed, moved to them as they joined again)."""
+    def catch_up(self, event_ids: Sequence[int] | None = None) -> None:
+        """Hand out, from Postgres, what these subscribers are owed and not handed yet: what an
+        earlier registration of theirs was owed, moved to them as they joined again (recorded
+        before now: what this group records from now on it hands out as it records it), or
+        the given redelivered events."""
         from outbox.feed import catch_up
 
-        self.catch_up_again = True
+        if event_ids is None:
+            self.catch_up_upto = max(self.catch_up_upto or 0, self.last_recorded)
+            # (A follower records nothing: for it the bound leaves nothing out.)
+        else:
+            self.catch_up_events.update(event_ids)
+            # Resolved from now on, they are known as settling until the commit shows.
+            self.from_postgres.update(event_ids)
         if self.catching_up is None or self.catching_up.done():
             self.catching_up = asyncio.get_running_loop().create_task(
                 catch_up(self), name=f"shared-stream-catch-up[{self.key!r}]"
@@ -432,10 +447,10 @@ class StreamGroup:
         if owed is None or subscriber.name not in owed:
             return
         del owed[subscriber.name]
+        if event_id in self.from_postgres:
+            self.settling.add((event_id, subscriber.name))
         if not owed:
             self.settled(event_id)
-        if self.role == "follower":
-            self.settling.add((event_id, subscriber.name))
         if records:
             if events:
                 subscriber.uncommitted.extend(events)
@@ -464,6 +479,7 @@ class StreamGroup:
         """Nobody here owes ``event_id`` any more."""
         self.outstanding.pop(event_id, None)
         self.broadcast_at.pop(event_id, None)
+        self.from_postgres.discard(event_id)
 
     def delivered(self, subscriber: Subscriber, resolution: Any, result: Any, n: int) -> None:
         """The writer's report on a resolution of ``subscriber`` carrying ``n`` trigger events:
@@ -494,10 +510,12 @@ class StreamGroup:
         failed by the ack timeout by the database clock or with this triggerer's session (it
         gets ``AckTimeout``)."""
         registration = subscriber.registration
+        store = self.host.store
         try:
-            current = await self.host.store.registration_of(self.stream_id, subscriber.name)
+            current = await store.registration_of(self.stream_id, subscriber.name)
+            reason = await store.failure_reason(event_id, subscriber.name)
         except Exception:
-            current = registration
+            current, reason = registration, None
         if registration is not None and current is not None and current != registration:
             log.info(
                 "subscriber joined the stream on another triggerer; it leaves this one",
@@ -511,9 +529,9 @@ class StreamGroup:
             subscriber,
             AckTimeout(
                 f"shared stream {self.key!r} trigger {subscriber.trigger_id} did not finish "
-                f"processing event {event_id} in time: its delivery was failed first (ack "
-                f"timeout of {self.host.ack_timeout}s by the database clock, or its triggerer's "
-                "session ended); its trigger events were not stored"
+                f"processing event {event_id} in time: its delivery was failed first "
+                f"({reason or 'by the ack timeout of the database clock'}); its trigger events "
+                "were not stored"
             ),
             "ack timeout",
         )
@@ -664,12 +682,21 @@ class StreamGroup:
                     if subscriber is not None and subscriber.registration == event.owners.get(name):
                         self.write_failure(name, event.event_id, "stream stopped before broadcast")
             return
-        self.broadcast(
-            [
-                (event.event_id, raw, event.deliver_to, event.owners)
-                for event, raw in zip(events, raws, strict=True)
-            ]
-        )
+        fresh = []
+        reused = []
+        for event, raw in zip(events, raws, strict=True):
+            if event.event_id > self.last_recorded:
+                self.last_recorded = event.event_id
+            if event.reused:
+                reused.append(event.event_id)
+            else:
+                fresh.append((event.event_id, raw, event.deliver_to, event.owners))
+        self.broadcast(fresh)
+        if reused:
+            # A redelivery of an event still pending: whoever here owes it may have resolved it
+            # a moment ago (not committed yet); handed out once what is queued has committed,
+            # to those Postgres then says still owe it.
+            self.catch_up(reused)
 
     def broadcast(self, events: Sequence[tuple[int, Any, Sequence[str], Any]]) -> None:
         """Hand recorded events ``(event id, raw, owed by, owners)`` to the subscribers here

@@ -94,6 +94,8 @@ class EventToRecord:
     # The registrations in force when it was recorded, by subscriber name (shared by the events
     # of a stream in one batch): a subscriber here is handed the event only through its own.
     owners: Mapping[str, int] = field(default_factory=dict)
+    # A redelivery of an occurrence still pending: it is handed to those who still owe it.
+    reused: bool = False
 
 
 class ResolutionRow(NamedTuple):
@@ -747,8 +749,9 @@ _END_SESSION = sa.text(
 _REGISTER = sa.text(
     f"""
     WITH previous AS (
+        -- Not an excluded one (failed, or leaving): its own triggerer resolves what it owes.
         SELECT id, name FROM outbox_subscriber
-        WHERE stream_id = :stream_id AND name = ANY(CAST(:names AS text[]))
+        WHERE stream_id = :stream_id AND name = ANY(CAST(:names AS text[])) AND NOT excluded
     ),
     registered AS (
         INSERT INTO outbox_subscriber (stream_id, name, session_id)
@@ -818,6 +821,11 @@ _OWED_DELIVERIES = sa.text(
         SELECT e.id, e.lane_id, e.raw, e.snapshot, e.resolved FROM outbox_event AS e
         WHERE e.lane_id = l.id AND e.position > l.advanced_through AND e.pending > 0
           AND e.id > :after
+          -- What this triggerer records itself it hands out as it records it: here, only up
+          -- to what it has handed out so far.
+          AND (CAST(:upto AS bigint) IS NULL OR e.id <= :upto
+               OR e.recorded_by IS DISTINCT FROM CAST(:session AS bigint))
+          AND (CAST(:event_ids AS bigint[]) IS NULL OR e.id = ANY(CAST(:event_ids AS bigint[])))
         ORDER BY e.position
         LIMIT :limit
     ) AS e
@@ -1138,6 +1146,7 @@ class OutboxStore:
                 item.deliver_to = plan.deliver_to
                 if plan.reuse_event_id is not None:
                     item.event_id = plan.reuse_event_id
+                    item.reused = True
                     refresh = {"event_id": plan.reuse_event_id, "payload": item.payload_json}
                     if plan.deliver_to:
                         await conn.execute(
@@ -1667,6 +1676,18 @@ class OutboxStore:
             ).all()
         return {row[0]: row[1] for row in rows}, (rows[0][2] if rows else 0)
 
+    async def failure_reason(self, event_id: int, name: str) -> str | None:
+        """Why ``name``'s delivery of the event was failed (or rejected), if it was."""
+        async with self._autocommit.connect() as conn:
+            found = await conn.scalar(
+                sa.text(
+                    "SELECT reason FROM outbox_unacked "
+                    "WHERE event_id = :event_id AND subscriber = :name"
+                ),
+                {"event_id": event_id, "name": name},
+            )
+        return None if found is None else str(found)
+
     async def registration_of(self, stream_id: int, name: str) -> int | None:
         """The current registration of subscriber ``name`` of the stream, on any triggerer."""
         async with self._autocommit.connect() as conn:
@@ -1700,6 +1721,23 @@ class OutboxStore:
             )
         return taken is not None
 
+    async def consumer_holder(self, stream_id: int) -> tuple[int, str] | None:
+        """``(session id, owner)`` of the live session running the stream's producer."""
+        async with self._autocommit.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.text(
+                        f"""
+                        SELECT s.id, s.owner FROM outbox_stream AS st
+                        JOIN outbox_session AS s ON s.id = st.consumer_session
+                        WHERE st.id = :stream_id AND {_SESSION_LIVE}
+                        """
+                    ),
+                    {"stream_id": stream_id},
+                )
+            ).first()
+        return None if row is None else (row[0], row[1])
+
     async def release_consumer(self, stream_id: int, session_id: int) -> None:
         """Give up running the stream's producer (another triggerer may take it at once)."""
         async with self._autocommit.connect() as conn:
@@ -1711,11 +1749,15 @@ class OutboxStore:
         registration_ids: Sequence[int],
         *,
         after: int = 0,
+        upto: int | None = None,
+        event_ids: Sequence[int] | None = None,
+        session_id: int | None = None,
         limit: int = 1000,
     ) -> list[tuple[int, int, str | None, str, int]]:
         """``(event_id, lane_id, raw JSON, subscriber, registration)`` of the stream's pending
-        deliveries owed through ``registration_ids``, events after id ``after``, in event order
-        (at most ``limit`` events per lane)."""
+        deliveries owed through ``registration_ids``, of events with ids above ``after`` (and,
+        of those session ``session_id`` recorded, up to ``upto``), or among ``event_ids``, in
+        event order (at most ``limit`` events per lane)."""
         if not registration_ids:
             return []
         async with self._autocommit.connect() as conn:
@@ -1725,6 +1767,9 @@ class OutboxStore:
                     "stream_id": stream_id,
                     "registrations": list(registration_ids),
                     "after": after,
+                    "upto": upto,
+                    "session": session_id,
+                    "event_ids": list(event_ids) if event_ids is not None else None,
                     "limit": limit,
                 },
             )

@@ -12,10 +12,9 @@ offsets from Kafka every few hundred milliseconds while the processes run. Both 
 non-decreasing per partition (the log: strictly increasing).
 
 The ack timeout is 60 s, so no delivery times out. What a killed triggerer's subscribers were
-owed is failed as soon as they join again from the restarted one (their old registrations are
-gone): the broker reads those messages again and they reach the subscribers once more, each
-subscriber storing each message once. Set ``OUTBOX_CRASH_SEED`` to replay a run's kill
-schedule.
+owed stays theirs and moves to them as they join again from the restarted triggerer, which hands
+it out from Postgres (and deduplicates the broker's redelivery into it): the test asserts that no
+delivery failed at all. Set ``OUTBOX_CRASH_SEED`` to replay a run's kill schedule.
 """
 
 from __future__ import annotations
@@ -277,17 +276,7 @@ async def test_triggerer_and_committer_killed_at_random_lose_and_duplicate_nothi
         sorted(expected - set(stored))[:10],
         sorted(set(stored) - expected)[:10],
     )
-    # What a killed triggerer's subscribers owed was failed (then read again and stored once,
-    # as the set above shows); none was failed by the ack timeout.
-    async with store.engine.connect() as conn:
-        reasons: dict[str, int] = dict(
-            (
-                await conn.execute(
-                    sa.text("SELECT reason, count(*) FROM outbox_unacked GROUP BY reason")
-                )
-            ).all()
-        )
-    assert "ack timeout (database clock)" not in reasons, reasons
+    assert failed == 0  # nobody was failed: what a killed triggerer owed moved to its restart
 
     # Dead letters: every rejected message (repeats allowed: a rejected message read again
     # after a kill, before its commit, is dead-lettered again), no accepted one.
@@ -312,6 +301,5 @@ async def test_triggerer_and_committer_killed_at_random_lose_and_duplicate_nothi
         f"({occurrences - MESSAGES} re-recorded after being read again), "
         f"{len(rows)} trigger events, "
         f"{len(log)} logged commits, {len(dead)} dead letters ({repeats} repeated), "
-        f"{failed} deliveries failed with a killed triggerer, "
         f"{triggerer.kills}+{committer.kills} kills, {finished:.1f}s"
     )
