@@ -148,9 +148,12 @@ record = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Column("dispatched_at", DateTime(timezone=True)),
     UniqueConstraint("event_id", "subscriber", "ordinal"),
+    # The reader's claim order: a stream's undispatched records in event order (see
+    # ``store._CLAIM_RECORDS``).
     Index(
         "ix_outbox_record_undispatched",
         "stream_id",
+        text("event_id NULLS FIRST"),
         "id",
         postgresql_where=text("dispatched_at IS NULL"),
     ),

@@ -42,7 +42,7 @@ __all__ = (
 )
 
 VERSION_TABLE = "outbox_alembic_version"
-HEAD_REVISION = "0006"
+HEAD_REVISION = "0019"
 NOTIFY_CHANNEL = "outbox_resolved"
 RECORDS_CHANNEL = "outbox_records"
 READER_LOCK_CLASS = 0x0B0C
@@ -586,13 +586,17 @@ _STREAMS_WITH_UNDISPATCHED = sa.text(
 # One reader per stream at a time keeps a stream's records in order across readers.
 _TRY_READER_LOCK = sa.text("SELECT pg_try_advisory_xact_lock(:lock_class, CAST(:stream_id AS int))")
 
+# In event order (``ix_outbox_record_undispatched``): record ids are not, the concurrent parts of
+# a split write batch allocate them interleaved. A subscriber's records of one event get
+# increasing ids in their ordinal order (one statement inserts them in that order). Records of
+# no event (fast path, or yielded before the first event) come first, in id order.
 _CLAIM_RECORDS = sa.text(
     """
     SELECT id, stream_id, event_id, subscriber, ordinal, payload
     FROM outbox_record
     WHERE stream_id = :stream_id AND dispatched_at IS NULL
       AND (CAST(:subscribers AS text[]) IS NULL OR subscriber = ANY(CAST(:subscribers AS text[])))
-    ORDER BY id
+    ORDER BY event_id NULLS FIRST, id
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
     """
@@ -637,7 +641,8 @@ _PRUNE_RECORDS = sa.text(
 )
 
 # Advanced: at or behind its lane's cursor. Unacked rows go with the event; records stay (the
-# dispatched ones are pruned by age above), detached from it.
+# dispatched ones are pruned by age above), the dispatched ones detached from it. An undispatched
+# record keeps its event id: the reader hands records out in event order.
 _PRUNE_EVENTS = sa.text(
     """
     WITH doomed AS (
@@ -650,7 +655,8 @@ _PRUNE_EVENTS = sa.text(
         DELETE FROM outbox_unacked WHERE event_id IN (SELECT id FROM doomed)
     ),
     detached AS (
-        UPDATE outbox_record SET event_id = NULL WHERE event_id IN (SELECT id FROM doomed)
+        UPDATE outbox_record SET event_id = NULL
+        WHERE event_id IN (SELECT id FROM doomed) AND dispatched_at IS NOT NULL
     )
     DELETE FROM outbox_event WHERE id IN (SELECT id FROM doomed)
     """
