@@ -607,27 +607,34 @@ _MARK_DISPATCHED = sa.text(
 )
 
 
+# Status and metrics read no history: an unresolved event is always after its lane's cursor, so
+# each lane's counts come from its backlog alone (by the (lane_id, position) index), and the
+# undispatched records of each stream from the partial index that holds only them.
 _LANE_STATUS = sa.text(
     """
     SELECT s.key, l.lane_key, l.advanced_through, l.next_position - 1,
-           (SELECT count(*) FROM outbox_event AS e
-            WHERE e.lane_id = l.id AND e.position > l.advanced_through AND e.pending = 0),
-           (SELECT count(*) FROM outbox_event AS e WHERE e.lane_id = l.id AND e.pending > 0),
-           (SELECT extract(epoch FROM now() - min(e.created_at)) FROM outbox_event AS e
-            WHERE e.lane_id = l.id AND e.pending > 0),
+           b.resolved_unadvanced, b.unresolved,
+           extract(epoch FROM now() - b.oldest_pending),
            l.lease_owner, l.attempts, l.last_error,
-           extract(epoch FROM now() - l.stalled_since)
+           extract(epoch FROM now() - l.stalled_since), s.ack_timeout
     FROM outbox_lane AS l JOIN outbox_stream AS s ON s.id = l.stream_id
+    CROSS JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE e.pending = 0) AS resolved_unadvanced,
+               count(*) FILTER (WHERE e.pending > 0) AS unresolved,
+               min(e.created_at) FILTER (WHERE e.pending > 0) AS oldest_pending
+        FROM outbox_event AS e
+        WHERE e.lane_id = l.id AND e.position > l.advanced_through
+    ) AS b
     ORDER BY s.key, l.lane_key
     """
 )
 
 _UNDISPATCHED = sa.text(
     """
-    SELECT s.key, count(r.id)
+    SELECT s.key, (SELECT count(*) FROM outbox_record AS r
+                   WHERE r.stream_id = s.id AND r.dispatched_at IS NULL)
     FROM outbox_stream AS s
-    LEFT JOIN outbox_record AS r ON r.stream_id = s.id AND r.dispatched_at IS NULL
-    GROUP BY s.key ORDER BY s.key
+    ORDER BY s.key
     """
 )
 
@@ -677,7 +684,33 @@ class LaneStatus:
     lease_owner: str | None
     attempts: int
     last_error: str | None
-    stalled_seconds: float | None
+    stalled_seconds: float | None  # since its advances started failing
+    ack_timeout: float  # its stream's
+
+    @property
+    def pending_past_ack_timeout(self) -> bool:
+        """Its oldest pending event is older than the ack timeout: whoever owes it is gone (or
+        the timeout sweep is not running), and the lane cannot advance past it."""
+        return (
+            self.oldest_pending_seconds is not None
+            and self.oldest_pending_seconds > self.ack_timeout
+        )
+
+    @property
+    def stalled(self) -> bool:
+        return self.stalled_seconds is not None or self.pending_past_ack_timeout
+
+    def stall_reasons(self) -> list[str]:
+        """Why the lane is stalled, for people: empty when it is not."""
+        reasons = []
+        if self.stalled_seconds is not None:
+            reasons.append(
+                f"advance failing for {self.stalled_seconds:.1f}s ({self.attempts} attempts): "
+                f"{self.last_error}"
+            )
+        if self.pending_past_ack_timeout:
+            reasons.append(f"pending past ack timeout ({self.ack_timeout:g}s)")
+        return reasons
 
 
 class OutboxStore:
@@ -1330,6 +1363,7 @@ class OutboxStore:
                     attempts=r[8],
                     last_error=r[9],
                     stalled_seconds=None if r[10] is None else float(r[10]),
+                    ack_timeout=float(r[11]),
                 )
                 for r in rows
             ]
