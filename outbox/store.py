@@ -624,6 +624,7 @@ _LANE_STATUS = sa.text(
                min(e.created_at) FILTER (WHERE e.pending > 0) AS oldest_pending
         FROM outbox_event AS e
         WHERE e.lane_id = l.id AND e.position > l.advanced_through
+          AND e.position < l.next_position
     ) AS b
     ORDER BY s.key, l.lane_key
     """
@@ -1349,6 +1350,9 @@ class OutboxStore:
 
     async def lane_status(self) -> list[LaneStatus]:
         async with self.engine.connect() as conn:
+            # The planner cannot know how short a lane's backlog is: estimating a part of its
+            # whole history, it compiled the statement (JIT), 1.9 s at 2,000,000 events.
+            await conn.execute(sa.text("SET LOCAL jit = off"))
             rows = await conn.execute(_LANE_STATUS)
             return [
                 LaneStatus(
