@@ -13,8 +13,8 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from outbox.dburl import redact_url
 from outbox.errors import ConfigurationError, OutboxError
-from outbox.store import redact_url
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

@@ -13,8 +13,9 @@ from typing import Final
 
 from sqlalchemy.exc import DBAPIError, ProgrammingError
 
+from outbox.dburl import describe_connection_error
 from outbox.errors import ConfigurationError, DatabaseUnavailable
-from outbox.store import VERSION_TABLE, OutboxStore, describe_connection_error
+from outbox.store import VERSION_TABLE, OutboxStore
 
 __all__ = (
     "RUNTIME_PRIVILEGES",

@@ -10,18 +10,17 @@ import asyncio
 import contextlib
 import json
 import json.scanner
-import re
 from collections import Counter
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, Self, TypeAlias
 
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, ProgrammingError
+from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from outbox.core import LaneEvent, PriorOccurrence, plan_redelivery
+from outbox.dburl import asyncpg_url, describe_connection_error, redact_url, scrub
 from outbox.errors import ConfigurationError, DatabaseUnavailable, SchemaNotMigrated
 from outbox.schema import lane, stream
 
@@ -46,28 +45,6 @@ HEAD_REVISION = "0019"
 NOTIFY_CHANNEL = "outbox_resolved"
 RECORDS_CHANNEL = "outbox_records"
 READER_LOCK_CLASS = 0x0B0C
-
-
-def asyncpg_url(url: str) -> str:
-    """The SQLAlchemy URL for asyncpg, from ``postgresql://`` or ``postgres://`` forms."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise ConfigurationError(
-            f"database URL {redact_url(url)!r} is not a URL; "
-            "use postgresql://user:password@host:port/dbname"
-        ) from None
-    if parsed.get_backend_name() not in ("postgresql", "postgres"):
-        raise ConfigurationError(
-            f"database URL {redact_url(url)!r} is not PostgreSQL; "
-            "use postgresql://user:password@host:port/dbname"
-        )
-    return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``, safe for logs and errors."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 @dataclass(slots=True)
@@ -738,8 +715,14 @@ class OutboxStore:
         engine_options.setdefault("pool_pre_ping", False)
         try:
             engine = create_async_engine(asyncpg_url(url), **engine_options)
-        except (ArgumentError, NoSuchModuleError) as exc:
-            raise ConfigurationError(f"database URL {redact_url(url)!r}: {exc}") from None
+        except ConfigurationError:
+            raise
+        except Exception as exc:  # an engine option that does not fit
+            reason = scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else "", url)
+            raise ConfigurationError(
+                f"database URL {redact_url(url)!r}: {type(exc).__name__}: {reason}; "
+                "check the engine options"
+            ) from None
         return cls(engine, owns_engine=True)
 
     async def aclose(self) -> None:
@@ -769,7 +752,7 @@ class OutboxStore:
             raise SchemaNotMigrated(
                 "the database has no outbox tables; run `outbox migrate`"
             ) from None
-        except (OSError, DBAPIError) as exc:
+        except Exception as exc:  # cannot connect: refused, authentication, a bad option ...
             raise DatabaseUnavailable(describe_connection_error(self.engine, exc)) from None
         if version != HEAD_REVISION:
             raise SchemaNotMigrated(
@@ -1386,13 +1369,3 @@ class OutboxStore:
         async with self.engine.begin() as conn:
             events = (await conn.execute(_PRUNE_EVENTS, params)).rowcount
         return records, events
-
-
-def describe_connection_error(engine: AsyncEngine, exc: BaseException) -> str:
-    """One line naming the database (password hidden) and why it cannot be used."""
-    url = engine.url.render_as_string(hide_password=True)
-    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0] if str(exc) else ""
-    return (
-        f"cannot connect to {url}: {reason or type(exc).__name__}; "
-        "check the URL and that the server runs"
-    )

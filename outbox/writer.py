@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 from sqlalchemy.exc import DBAPIError
 
 from outbox.core import backoff_delay
+from outbox.dburl import scrub, shown_url
 from outbox.errors import DatabaseUnavailable
 from outbox.store import EVENT_ID, OWNER, STATE, SUBSCRIBER
 
@@ -79,10 +80,11 @@ def error_line(exc: BaseException) -> str:
 def unavailable(store: OutboxStore, exc: BaseException, elapsed: float, limit: float) -> Exception:
     """``DatabaseUnavailable`` for an outage that outlasted ``limit``: one line naming the
     database (password hidden) and what to do."""
-    url = store.engine.url.render_as_string(hide_password=True)
+    url = store.engine.url
     return DatabaseUnavailable(
-        f"database {url} unreachable for {elapsed:.1f}s, longer than outage_limit={limit:g}s "
-        f"({error_line(exc)}); the stream stopped: subscribe again once the database is back"
+        f"database {shown_url(url)} unreachable for {elapsed:.1f}s, longer than "
+        f"outage_limit={limit:g}s ({scrub(error_line(exc), url)}); the stream stopped: "
+        "subscribe again once the database is back"
     )
 
 
