@@ -160,6 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
     grant.add_argument("--schema", default="public", help="schema of outbox's tables (public)")
     grant.add_argument("--print", action="store_true", help="print the SQL instead of running it")
 
+    rotate = commands.add_parser(
+        "rotate-fernet-key",
+        help="encrypt every stream's trigger kwargs again with the first Fernet key",
+        description="Re-encrypt the trigger kwargs of every stream with the first key of "
+        "OUTBOX_FERNET_KEY (else AIRFLOW__CORE__FERNET_KEY), comma-separated keys, each of "
+        "which may decrypt; unencrypted kwargs get encrypted. To rotate: put the new key first, "
+        "restart triggerers and committers, run this, then drop the old key.",
+    )
+    _database_flag(rotate)
+    rotate.add_argument(
+        "--decrypt",
+        action="store_true",
+        help="store the kwargs unencrypted instead (before downgrading past migration 0019)",
+    )
+
     demo = commands.add_parser(
         "demo",
         help="see it work: a throwaway Postgres and Kafka broker, a crash, a final tally",
@@ -265,6 +280,16 @@ async def _grant(args: argparse.Namespace) -> None:
     print(f"granted outbox's runtime privileges to {args.role} on {redact_url(args.database_url)}")
 
 
+async def _rotate_fernet_key(args: argparse.Namespace) -> None:
+    from outbox.store import OutboxStore
+
+    async with OutboxStore.from_url(args.database_url) as store:
+        await store.check_schema()
+        streams = await store.rotate_fernet_key(decrypt=args.decrypt)
+    done = "decrypted" if args.decrypt else "encrypted with the first Fernet key"
+    print(f"trigger kwargs of {streams} streams {done}")
+
+
 async def _migrate(url: str, revision: str) -> None:
     from outbox.migrate import migrate
 
@@ -361,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_prune(args))
         elif args.command == "grant":
             asyncio.run(_grant(args))
+        elif args.command == "rotate-fernet-key":
+            asyncio.run(_rotate_fernet_key(args))
         elif args.command == "demo":
             return _demo(args)
     except OutboxError as exc:

@@ -49,10 +49,19 @@ stream = Table(
     Column("id", BigInteger, primary_key=True, autoincrement=True),
     Column("key", Text, nullable=False, comment="canonical JSON of shared_stream_key()"),
     Column("trigger_class", Text, nullable=False),
-    Column("trigger_kwargs", JSONB, nullable=False),
+    # Plain, or (with a Fernet key configured) encrypted: exactly one is set.
+    Column("trigger_kwargs", JSONB),
     Column("ack_timeout", Float, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column(
+        "trigger_kwargs_encrypted",
+        Text,
+        comment="Fernet token of the kwargs' JSON, when a key is configured",
+    ),
     UniqueConstraint("key"),
+    CheckConstraint(
+        "num_nonnulls(trigger_kwargs, trigger_kwargs_encrypted) = 1", name="kwargs_stored_once"
+    ),
 )
 
 lane = Table(

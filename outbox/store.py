@@ -22,6 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from outbox.core import LaneEvent, PriorOccurrence, plan_redelivery
 from outbox.dburl import asyncpg_url, describe_connection_error, redact_url, scrub
 from outbox.errors import ConfigurationError, DatabaseUnavailable, SchemaNotMigrated
+from outbox.fernet import ENV as FERNET_ENV
+from outbox.fernet import InvalidToken, KwargsCipher, warn_unencrypted_once
 from outbox.schema import lane, stream
 
 if TYPE_CHECKING:
@@ -698,16 +700,25 @@ class OutboxStore:
     engine (which stays yours). Use it as ``async with`` or call ``aclose()``.
     """
 
-    def __init__(self, engine: AsyncEngine, *, owns_engine: bool = False) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, owns_engine: bool = False, fernet_key: str | None = None
+    ) -> None:
         self.engine = engine
         self._owns_engine = owns_engine
+        # Encrypts trigger kwargs at rest: ``fernet_key``, else $OUTBOX_FERNET_KEY, else
+        # Airflow's $AIRFLOW__CORE__FERNET_KEY (comma-separated keys; the first encrypts).
+        self._cipher = KwargsCipher.configured(fernet_key)
         # Work done in one statement runs outside a transaction block: no BEGIN and COMMIT (or
         # ROLLBACK) round trips around it.
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @classmethod
-    def from_url(cls, url: str, **engine_options: Any) -> OutboxStore:
-        """A store on a new engine for ``url`` (``postgresql://`` or ``postgresql+asyncpg://``)."""
+    def from_url(
+        cls, url: str, *, fernet_key: str | None = None, **engine_options: Any
+    ) -> OutboxStore:
+        """A store on a new engine for ``url`` (``postgresql://`` or ``postgresql+asyncpg://``);
+        ``fernet_key`` as for the constructor."""
+        cipher = KwargsCipher.configured(fernet_key)  # a bad key fails before any engine
         engine_options.setdefault("pool_size", 5)
         # No ping on every checkout (a round trip per transaction): after a database restart
         # the first statement on a stale connection fails as a disconnect, SQLAlchemy discards
@@ -723,7 +734,9 @@ class OutboxStore:
                 f"database URL {redact_url(url)!r}: {type(exc).__name__}: {reason}; "
                 "check the engine options"
             ) from None
-        return cls(engine, owns_engine=True)
+        store = cls(engine, owns_engine=True)
+        store._cipher = cipher
+        return store
 
     async def aclose(self) -> None:
         if self._owns_engine:
@@ -765,29 +778,102 @@ class OutboxStore:
     async def ensure_stream(
         self, key_json: str, trigger_class: str, kwargs_json: str, ack_timeout: float
     ) -> int:
-        """The id of the stream with this key, created or updated with the given builder."""
+        """The id of the stream with this key, created or updated with the given builder (its
+        kwargs encrypted when a Fernet key is configured)."""
         statement = sa.text(
             """
-            INSERT INTO outbox_stream (key, trigger_class, trigger_kwargs, ack_timeout)
-            VALUES (:key, :trigger_class, CAST(:kwargs AS jsonb), :ack_timeout)
+            INSERT INTO outbox_stream
+                (key, trigger_class, trigger_kwargs, trigger_kwargs_encrypted, ack_timeout)
+            VALUES (:key, :trigger_class, CAST(:kwargs AS jsonb), :encrypted, :ack_timeout)
             ON CONFLICT (key) DO UPDATE
             SET trigger_class = excluded.trigger_class, trigger_kwargs = excluded.trigger_kwargs,
+                trigger_kwargs_encrypted = excluded.trigger_kwargs_encrypted,
                 ack_timeout = excluded.ack_timeout
             RETURNING id
             """
         )
+        plain, encrypted = self._kwargs_at_rest(kwargs_json)
         async with self.engine.begin() as conn:
             stream_id = await conn.scalar(
                 statement,
                 {
                     "key": key_json,
                     "trigger_class": trigger_class,
-                    "kwargs": kwargs_json,
+                    "kwargs": plain,
+                    "encrypted": encrypted,
                     "ack_timeout": ack_timeout,
                 },
             )
         assert stream_id is not None
         return int(stream_id)
+
+    def _kwargs_at_rest(self, kwargs_json: str) -> tuple[str | None, str | None]:
+        """``(plain, encrypted)`` kwargs to store: one of them."""
+        if self._cipher is None:
+            warn_unencrypted_once()
+            return kwargs_json, None
+        return None, self._cipher.encrypt(kwargs_json)
+
+    def _kwargs_from_rest(self, key_json: str, plain: str | None, encrypted: str | None) -> str:
+        """The kwargs' JSON of the stream ``key_json`` as stored."""
+        if encrypted is None:
+            if self._cipher is None:
+                warn_unencrypted_once()
+            return plain or "{}"
+        if self._cipher is None:
+            raise ConfigurationError(
+                f"stream {key_json}: its trigger kwargs are encrypted and no Fernet key is "
+                f"configured; set {FERNET_ENV} to the key they were encrypted with"
+            )
+        try:
+            return self._cipher.decrypt(encrypted)
+        except InvalidToken:
+            raise ConfigurationError(
+                f"stream {key_json}: its trigger kwargs do not decrypt with the Fernet keys in "
+                f"{self._cipher.source}; add the key they were encrypted with (keys are "
+                "comma-separated, the first encrypts)"
+            ) from None
+
+    async def rotate_fernet_key(self, *, decrypt: bool = False) -> int:
+        """Encrypt every stream's trigger kwargs again with the first Fernet key (plain ones
+        too), or with ``decrypt`` store them all plain; returns how many streams. One
+        transaction: a stream that does not decrypt changes nothing."""
+        if self._cipher is None and not decrypt:
+            raise ConfigurationError(
+                f"no Fernet key to encrypt with; set {FERNET_ENV} to the new key first, "
+                "followed by the old ones, comma-separated"
+            )
+        async with self.engine.begin() as conn:
+            rows = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT id, key, trigger_kwargs::text, trigger_kwargs_encrypted "
+                        "FROM outbox_stream ORDER BY id FOR UPDATE"
+                    )
+                )
+            ).all()
+            updates = []
+            for stream_id, key_json, plain, encrypted in rows:
+                if decrypt:
+                    kwargs_json = self._kwargs_from_rest(key_json, plain, encrypted)
+                    updates.append({"id": stream_id, "plain": kwargs_json, "encrypted": None})
+                    continue
+                assert self._cipher is not None
+                if encrypted is not None:
+                    self._kwargs_from_rest(key_json, plain, encrypted)  # names the stream
+                    token = self._cipher.rotate(encrypted)
+                else:
+                    token = self._cipher.encrypt(plain or "{}")
+                updates.append({"id": stream_id, "plain": None, "encrypted": token})
+            if updates:
+                await conn.execute(
+                    sa.text(
+                        "UPDATE outbox_stream SET trigger_kwargs = CAST(:plain AS jsonb), "
+                        "trigger_kwargs_encrypted = :encrypted WHERE id = :id"
+                    ),
+                    updates,
+                )
+        return len(rows)
 
     async def ensure_lanes(self, stream_id: int, lane_keys: Iterable[str]) -> dict[str, int]:
         """Lane ids by lane key for ``stream_id``, creating the lanes that do not exist."""
@@ -811,16 +897,22 @@ class OutboxStore:
             return {row[0]: row[1] for row in rows}
 
     async def stream_builder(self, stream_id: int) -> tuple[str, str, dict[str, Any]]:
-        """``(key, trigger class path, kwargs)`` of a stream, for rebuilding its producer."""
+        """``(key, trigger class path, kwargs)`` of a stream, for rebuilding its producer.
+        Raises a one-line ``ConfigurationError`` naming the stream if its kwargs are encrypted
+        and no configured key decrypts them."""
         async with self.engine.connect() as conn:
             row = (
                 await conn.execute(
-                    sa.select(stream.c.key, stream.c.trigger_class, stream.c.trigger_kwargs).where(
-                        stream.c.id == stream_id
-                    )
+                    sa.select(
+                        stream.c.key,
+                        stream.c.trigger_class,
+                        sa.cast(stream.c.trigger_kwargs, sa.Text),
+                        stream.c.trigger_kwargs_encrypted,
+                    ).where(stream.c.id == stream_id)
                 )
             ).one()
-        return row[0], row[1], dict(row[2])
+        kwargs = json.loads(self._kwargs_from_rest(row[0], row[2], row[3]))
+        return row[0], row[1], dict(kwargs)
 
     # -- the write path (the caller holds the connection: a transaction, or ``autocommit()``
     #    where each write is one statement) -----------------------------------------------
