@@ -145,10 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     grant = commands.add_parser(
         "grant",
-        help="give a runtime role only what outbox needs (run as the tables' owner)",
-        description="Grant ROLE the privileges the manager, committer and reader use on "
-        "outbox's tables and sequences (no DDL, no other table), after revoking what it had "
-        "there. Connect as the role that ran `outbox migrate`; run again after each migrate.",
+        help="give a role only what one job (triggerer, committer, reader) needs",
+        description="Grant ROLE the privileges that JOB's code uses on outbox's tables and "
+        "sequences (no DDL, no other table), after revoking what it had there: triggerer (the "
+        "manager and its in-process committer), committer (outbox committer: cursors, leases, "
+        "timeouts, prune, status), reader (OutboxReader: claim and mark records). Connect as "
+        "the role that ran `outbox migrate`; run again after each migrate.",
     )
     grant.add_argument(
         "--database-url",
@@ -156,7 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
         envvar="OUTBOX_DATABASE_URL",
         help="PostgreSQL URL of the tables' owner (not needed with --print)",
     )
-    grant.add_argument("--role", required=True, help="the runtime role, which must exist")
+    grant.add_argument("--role", required=True, help="the role to grant to")
+    grant.add_argument(
+        "--job",
+        dest="jobs",
+        action="append",
+        required=True,
+        choices=("triggerer", "committer", "reader"),
+        help="what the role runs (repeatable: a role for several jobs gets each one's grants)",
+    )
+    grant.add_argument(
+        "--create",
+        action="store_true",
+        help="create the role first if it does not exist (NOLOGIN: grant it to login roles)",
+    )
     grant.add_argument("--schema", default="public", help="schema of outbox's tables (public)")
     grant.add_argument("--print", action="store_true", help="print the SQL instead of running it")
 
@@ -267,17 +282,19 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 async def _grant(args: argparse.Namespace) -> None:
-    from outbox.roles import grant_runtime, runtime_grants_sql
+    from outbox.roles import grant, grants_sql
 
+    options = {"schema": args.schema, "create": args.create}
     if args.print:
-        print(runtime_grants_sql(args.role, schema=args.schema), end="")
+        print(grants_sql(args.role, args.jobs, **options), end="")
         return
     if not args.database_url:
         raise ConfigurationError(
             "no database URL: pass --database-url (or set OUTBOX_DATABASE_URL) as the owner"
         )
-    await grant_runtime(args.database_url, args.role, schema=args.schema)
-    print(f"granted outbox's runtime privileges to {args.role} on {redact_url(args.database_url)}")
+    await grant(args.database_url, args.role, args.jobs, **options)
+    jobs = ", ".join(dict.fromkeys(args.jobs))
+    print(f"granted outbox's {jobs} privileges to {args.role} on {redact_url(args.database_url)}")
 
 
 async def _rotate_fernet_key(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import json.scanner
+import re
 from collections import Counter
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -394,6 +395,23 @@ _RESOLVE = sa.text(
     UNION ALL SELECT NULL FROM records_notified
     """
 )
+
+
+def _without_records(statement: str) -> str:
+    """``_RESOLVE`` for resolutions that store no trigger events (the committer's timeout
+    sweep fails deliveries): without the CTEs that insert records, so that it needs no INSERT
+    on outbox_record (see outbox/roles.py)."""
+    stored = re.compile(r"\n    stored AS \(.*?\n    \),(?=\n    lanes_notified AS)", re.DOTALL)
+    notified = re.compile(r",\n    records_notified AS \(.*?\n    \)(?=\n    SELECT)", re.DOTALL)
+    selected = "\n    UNION ALL SELECT NULL FROM records_notified"
+    result, found = stored.subn("", statement)
+    result, more = notified.subn("", result)
+    if found != 1 or more != 1 or result.count(selected) != 1:
+        raise RuntimeError("_RESOLVE changed: update _without_records to match it")
+    return result.replace(selected, "")
+
+
+_RESOLVE_WITHOUT_RECORDS = sa.text(_without_records(_RESOLVE.text))
 
 _RESOLVED_AS = sa.text(
     f"""
@@ -1184,7 +1202,7 @@ class OutboxStore:
                 "outbox uses as a separator; use a trigger id without one"
             )
         rows = await conn.execute(
-            _RESOLVE,
+            _RESOLVE if rec_payloads else _RESOLVE_WITHOUT_RECORDS,
             {
                 "event_ids": _ints(event_ids),
                 "names": names_text,
