@@ -13,8 +13,8 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from outbox.dburl import redact_url
 from outbox.errors import ConfigurationError, OutboxError
-from outbox.store import redact_url
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -146,10 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     grant = commands.add_parser(
         "grant",
-        help="give a runtime role only what outbox needs (run as the tables' owner)",
-        description="Grant ROLE the privileges the manager, committer and reader use on "
-        "outbox's tables and sequences (no DDL, no other table), after revoking what it had "
-        "there. Connect as the role that ran `outbox migrate`; run again after each migrate.",
+        help="give a role only what one job (triggerer, committer, reader) needs",
+        description="Grant ROLE the privileges that JOB's code uses on outbox's tables and "
+        "sequences (no DDL, no other table), after revoking what it had there: triggerer (the "
+        "manager and its in-process committer), committer (outbox committer: cursors, leases, "
+        "timeouts, prune, status), reader (OutboxReader: claim and mark records). Connect as "
+        "the role that ran `outbox migrate`; run again after each migrate.",
     )
     grant.add_argument(
         "--database-url",
@@ -157,9 +159,37 @@ def build_parser() -> argparse.ArgumentParser:
         envvar="OUTBOX_DATABASE_URL",
         help="PostgreSQL URL of the tables' owner (not needed with --print)",
     )
-    grant.add_argument("--role", required=True, help="the runtime role, which must exist")
+    grant.add_argument("--role", required=True, help="the role to grant to")
+    grant.add_argument(
+        "--job",
+        dest="jobs",
+        action="append",
+        required=True,
+        choices=("triggerer", "committer", "reader"),
+        help="what the role runs (repeatable: a role for several jobs gets each one's grants)",
+    )
+    grant.add_argument(
+        "--create",
+        action="store_true",
+        help="create the role first if it does not exist (NOLOGIN: grant it to login roles)",
+    )
     grant.add_argument("--schema", default="public", help="schema of outbox's tables (public)")
     grant.add_argument("--print", action="store_true", help="print the SQL instead of running it")
+
+    rotate = commands.add_parser(
+        "rotate-fernet-key",
+        help="encrypt every stream's trigger kwargs again with the first Fernet key",
+        description="Re-encrypt the trigger kwargs of every stream with the first key of "
+        "OUTBOX_FERNET_KEY (else AIRFLOW__CORE__FERNET_KEY), comma-separated keys, each of "
+        "which may decrypt; unencrypted kwargs get encrypted. To rotate: put the new key first, "
+        "restart triggerers and committers, run this, then drop the old key.",
+    )
+    _database_flag(rotate)
+    rotate.add_argument(
+        "--decrypt",
+        action="store_true",
+        help="store the kwargs unencrypted instead (before downgrading past migration 0019)",
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -253,17 +283,29 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 async def _grant(args: argparse.Namespace) -> None:
-    from outbox.roles import grant_runtime, runtime_grants_sql
+    from outbox.roles import grant, grants_sql
 
+    options = {"schema": args.schema, "create": args.create}
     if args.print:
-        print(runtime_grants_sql(args.role, schema=args.schema), end="")
+        print(grants_sql(args.role, args.jobs, **options), end="")
         return
     if not args.database_url:
         raise ConfigurationError(
             "no database URL: pass --database-url (or set OUTBOX_DATABASE_URL) as the owner"
         )
-    await grant_runtime(args.database_url, args.role, schema=args.schema)
-    print(f"granted outbox's runtime privileges to {args.role} on {redact_url(args.database_url)}")
+    await grant(args.database_url, args.role, args.jobs, **options)
+    jobs = ", ".join(dict.fromkeys(args.jobs))
+    print(f"granted outbox's {jobs} privileges to {args.role} on {redact_url(args.database_url)}")
+
+
+async def _rotate_fernet_key(args: argparse.Namespace) -> None:
+    from outbox.store import OutboxStore
+
+    async with OutboxStore.from_url(args.database_url) as store:
+        await store.check_schema()
+        streams = await store.rotate_fernet_key(decrypt=args.decrypt)
+    done = "decrypted" if args.decrypt else "encrypted with the first Fernet key"
+    print(f"trigger kwargs of {streams} streams {done}")
 
 
 async def _migrate(url: str, revision: str) -> None:
@@ -362,6 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_prune(args))
         elif args.command == "grant":
             asyncio.run(_grant(args))
+        elif args.command == "rotate-fernet-key":
+            asyncio.run(_rotate_fernet_key(args))
         elif args.command == "demo":
             return _demo(args)
     except OutboxError as exc:

@@ -16,7 +16,9 @@ import functools
 import importlib
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Hashable, Iterable, Mapping
@@ -32,6 +34,8 @@ from outbox.store import AdvancedBatch
 from outbox.writer import error_line, is_transient
 
 if TYPE_CHECKING:
+    from types import FrameType, ModuleType
+
     from outbox.metrics import CommitterMetrics
     from outbox.store import LaneLease, OutboxStore, ReadyLane
 
@@ -48,6 +52,40 @@ MAX_LANES_PER_PASS = 1000
 def _outcome(acked: int, failed: int, rejected: int) -> AdvanceOutcome:
     """One shared (immutable) outcome per count triple: a batch repeats a few of them."""
     return AdvanceOutcome(acked=acked, failed=failed, rejected=rejected)
+
+
+# What stops the committer even when trigger code raised it: a cancelled task, Ctrl-C.
+_SHUTDOWN = (asyncio.CancelledError, KeyboardInterrupt)
+
+
+class _RaisedByTheModule(Exception):
+    """A ``KeyboardInterrupt`` (its ``__cause__``) that the module raised itself, no SIGINT
+    delivered: its failure, not a shutdown."""
+
+
+def _import_module(name: str) -> ModuleType:
+    """``importlib.import_module``, telling a SIGINT delivered while the module loads (its
+    ``KeyboardInterrupt`` is raised again) from a ``KeyboardInterrupt`` the module raises of
+    its own accord (``_RaisedByTheModule``)."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        return importlib.import_module(name)  # a SIGINT cannot be told apart: all are real
+    delivered = False
+
+    def noting(signum: int, frame: FrameType | None) -> Any:
+        nonlocal delivered
+        delivered = True
+        return previous(signum, frame)
+
+    signal.signal(signal.SIGINT, noting)
+    try:
+        return importlib.import_module(name)
+    except KeyboardInterrupt as exc:
+        if delivered:
+            raise
+        raise _RaisedByTheModule from exc
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -190,16 +228,25 @@ class LaneCommitter:
                 f"{list(self.allowed_modules)}; add its module with --allow-module"
             )
         try:
-            trigger_class = getattr(importlib.import_module(module_name), class_name)
-        except Exception as exc:  # ImportError, or whatever the module raises as it loads
+            trigger_class = getattr(_import_module(module_name), class_name)
+        except _SHUTDOWN:
+            raise
+        except BaseException as exc:  # ImportError, or whatever the module raises as it loads
+            cause = (exc.__cause__ if isinstance(exc, _RaisedByTheModule) else None) or exc
+            fix = (
+                "install the package that defines it where the committer runs"
+                if isinstance(cause, ImportError)
+                else "fix what the module does as it loads"
+            )
             raise ConfigurationError(
                 f"stream {key_json}: cannot import trigger class {shown} "
-                f"({type(exc).__name__}: {_first_line(exc)}); install the package that "
-                "defines it where the committer runs"
+                f"({type(cause).__name__}: {_first_line(cause)}); {fix}"
             ) from None
         try:
             return adapt_producer(trigger_class.create_shared_stream_producer(kwargs))
-        except Exception as exc:  # not a trigger class, or its kwargs do not fit it
+        except _SHUTDOWN:
+            raise
+        except BaseException as exc:  # not a trigger class, its kwargs do not fit it, an exit
             raise ConfigurationError(
                 f"stream {key_json}: cannot build a producer with {shown}"
                 f".create_shared_stream_producer(kwargs) ({type(exc).__name__}: "

@@ -68,7 +68,9 @@ class CommitterMetrics:
             registry=r,
         )
         self.stalled_lanes = Gauge(
-            "outbox_stalled_lanes", "lanes whose last advance failed", registry=r
+            "outbox_stalled_lanes",
+            "lanes whose last advance failed or whose oldest pending event is past its ack timeout",
+            registry=r,
         )
         self.held_seconds = Gauge(
             "outbox_lane_held_seconds",
@@ -114,7 +116,7 @@ class CommitterMetrics:
             self.oldest_pending.labels(**labels).set(lane.oldest_pending_seconds or 0.0)
         for stream, count in recorded.items():
             self.events_recorded.labels(stream=stream).set(count)
-        self.stalled_lanes.set(sum(lane.stalled_seconds is not None for lane in lanes))
+        self.stalled_lanes.set(sum(lane.stalled for lane in lanes))
         self.held_seconds.clear()  # a hold that ended (or moved to another event) goes
         for lane in lanes:
             if lane.held_identity is not None:

@@ -10,8 +10,9 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.exc import DBAPIError
 
+from outbox.dburl import asyncpg_url, describe_connection_error
 from outbox.errors import DatabaseUnavailable
-from outbox.store import OutboxStore, asyncpg_url, describe_connection_error
+from outbox.store import OutboxStore
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -50,7 +51,7 @@ async def migrate(url: str, revision: str = "head") -> None:
     try:
         async with store.engine.begin() as conn:
             await conn.run_sync(upgrade)
-    except (OSError, DBAPIError) as exc:
+    except (OSError, DBAPIError, TypeError, ValueError) as exc:  # cannot connect, a bad option
         raise DatabaseUnavailable(describe_connection_error(store.engine, exc)) from None
     finally:
         await store.aclose()

@@ -59,7 +59,8 @@ stream = Table(
     Column("id", BigInteger, primary_key=True, autoincrement=True),
     Column("key", Text, nullable=False, comment="canonical JSON of shared_stream_key()"),
     Column("trigger_class", Text, nullable=False),
-    Column("trigger_kwargs", JSONB, nullable=False),
+    # Plain, or (with a Fernet key configured) encrypted: exactly one is set.
+    Column("trigger_kwargs", JSONB),
     Column("ack_timeout", Float, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Column(
@@ -75,8 +76,16 @@ stream = Table(
         server_default=text("'anywhere'"),
         comment="'consumer': only the process that reads the broker may advance it",
     ),
+    Column(
+        "trigger_kwargs_encrypted",
+        Text,
+        comment="Fernet token of the kwargs' JSON, when a key is configured",
+    ),
     UniqueConstraint("key"),
     CheckConstraint("advance_in IN ('anywhere', 'consumer')", name="advance_in_known"),
+    CheckConstraint(
+        "num_nonnulls(trigger_kwargs, trigger_kwargs_encrypted) = 1", name="kwargs_stored_once"
+    ),
 )
 
 # A triggerer process (one manager) while it lives: it renews ``expires_at``; a graceful stop, or
@@ -229,9 +238,12 @@ record = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Column("dispatched_at", DateTime(timezone=True)),
     UniqueConstraint("event_id", "subscriber", "ordinal"),
+    # The reader's claim order: a stream's undispatched records in event order (see
+    # ``store._CLAIM_RECORDS``).
     Index(
         "ix_outbox_record_undispatched",
         "stream_id",
+        text("event_id NULLS FIRST"),
         "id",
         postgresql_where=text("dispatched_at IS NULL"),
     ),

@@ -7,6 +7,7 @@ import json
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from outbox.store import LaneStatus, OutboxStore
@@ -18,17 +19,36 @@ async def collect_status(store: OutboxStore) -> dict[str, object]:
     """Lanes and undispatched records, as plain data."""
     lanes = await store.lane_status()
     return {
-        "lanes": [dataclasses.asdict(lane) for lane in lanes],
-        "undispatched": await store.undispatched(),
-        "stalled": [
-            f"{lane.stream} {lane.lane}" for lane in lanes if lane.stalled_seconds is not None
+        "lanes": [
+            {
+                **dataclasses.asdict(lane),
+                "stalled": lane.stalled,
+                "state": _state(lane),
+                "advanced_by": _advanced_by(lane),
+            }
+            for lane in lanes
         ],
         "held": [
             f"{lane.stream} {lane.lane} at {lane.held_identity}"
             for lane in lanes
             if lane.held_identity is not None
         ],
+        "undispatched": await store.undispatched(),
+        "stalled": [f"{lane.stream} {lane.lane}" for lane in lanes if lane.stalled],
     }
+
+
+def _state(lane: LaneStatus) -> str:
+    """``ok``, or ``stalled: `` and why."""
+    reasons = lane.stall_reasons()
+    return "stalled: " + "; ".join(reasons) if reasons else "ok"
+
+
+def _advanced_by(lane: LaneStatus) -> str:
+    """Who advances the lane: any committer, or only the triggerer reading the stream."""
+    if lane.advance_in == "consumer":
+        return f"its reader only ({lane.reader or 'none running'})"
+    return "any committer"
 
 
 def _age(seconds: float | None) -> str:
@@ -59,15 +79,12 @@ def _table(lanes: list[LaneStatus], undispatched: dict[str, int]) -> Table:
         )
     shown: set[str] = set()
     for lane in lanes:
-        state = (
-            f"[red]stalled {_age(lane.stalled_seconds)} ({lane.attempts} attempts): "
-            f"{lane.last_error}[/red]"
-            if lane.stalled_seconds is not None
-            else "ok"
-        )
+        state = f"[red]{escape(_state(lane))}[/red]" if lane.stalled else "ok"
         if lane.held_identity is not None:
             held = f"[yellow]broker held at {lane.held_identity} for {_age(lane.held_seconds)}"
             state = f"{held}[/yellow]" if state == "ok" else f"{held}[/yellow]; {state}"
+        if lane.advance_in == "consumer":
+            state += f"; advanced by its reader ({escape(lane.reader or 'none running')})"
         table.add_row(
             lane.stream,
             lane.lane,

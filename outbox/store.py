@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, Self, TypeAlias
 
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, ProgrammingError
+from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from outbox.core import LaneEvent, PriorOccurrence, plan_redelivery
+from outbox.dburl import asyncpg_url, describe_connection_error, redact_url, scrub
 from outbox.errors import ConfigurationError, DatabaseUnavailable, SchemaNotMigrated
+from outbox.fernet import ENV as FERNET_ENV
+from outbox.fernet import InvalidToken, KwargsCipher, warn_unencrypted_once
 from outbox.schema import lane, stream, subscriber
 
 if TYPE_CHECKING:
@@ -42,34 +44,12 @@ __all__ = (
 )
 
 VERSION_TABLE = "outbox_alembic_version"
-HEAD_REVISION = "0009"
+HEAD_REVISION = "0010"
 NOTIFY_CHANNEL = "outbox_resolved"
 RECORDS_CHANNEL = "outbox_records"
 RECORDED_CHANNEL = "outbox_recorded"
 CONSUMER_CHANNEL = "outbox_consumer"
 READER_LOCK_CLASS = 0x0B0C
-
-
-def asyncpg_url(url: str) -> str:
-    """The SQLAlchemy URL for asyncpg, from ``postgresql://`` or ``postgres://`` forms."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise ConfigurationError(
-            f"database URL {redact_url(url)!r} is not a URL; "
-            "use postgresql://user:password@host:port/dbname"
-        ) from None
-    if parsed.get_backend_name() not in ("postgresql", "postgres"):
-        raise ConfigurationError(
-            f"database URL {redact_url(url)!r} is not PostgreSQL; "
-            "use postgresql://user:password@host:port/dbname"
-        )
-    return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``, safe for logs and errors."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 @dataclass(slots=True)
@@ -473,6 +453,23 @@ _RESOLVE = sa.text(
     """
 )
 
+
+def _without_records(statement: str) -> str:
+    """``_RESOLVE`` for resolutions that store no trigger events (the committer's timeout
+    sweep fails deliveries): without the CTEs that insert records, so that it needs no INSERT
+    on outbox_record (see outbox/roles.py)."""
+    stored = re.compile(r"\n    stored AS \(.*?\n    \),(?=\n    lanes_notified AS)", re.DOTALL)
+    notified = re.compile(r",\n    records_notified AS \(.*?\n    \)(?=\n    SELECT)", re.DOTALL)
+    selected = "\n    UNION ALL SELECT NULL FROM records_notified"
+    result, found = stored.subn("", statement)
+    result, more = notified.subn("", result)
+    if found != 1 or more != 1 or result.count(selected) != 1:
+        raise RuntimeError("_RESOLVE changed: update _without_records to match it")
+    return result.replace(selected, "")
+
+
+_RESOLVE_WITHOUT_RECORDS = sa.text(_without_records(_RESOLVE.text))
+
 _RESOLVED_AS = sa.text(
     f"""
     SELECT r.event_id, r.subscriber, r.state
@@ -853,13 +850,17 @@ _STREAMS_WITH_UNDISPATCHED = sa.text(
 # One reader per stream at a time keeps a stream's records in order across readers.
 _TRY_READER_LOCK = sa.text("SELECT pg_try_advisory_xact_lock(:lock_class, CAST(:stream_id AS int))")
 
+# In event order (``ix_outbox_record_undispatched``): record ids are not, the concurrent parts of
+# a split write batch allocate them interleaved. A subscriber's records of one event get
+# increasing ids in their ordinal order (one statement inserts them in that order). Records of
+# no event (fast path, or yielded before the first event) come first, in id order.
 _CLAIM_RECORDS = sa.text(
     """
     SELECT id, stream_id, event_id, subscriber, ordinal, payload
     FROM outbox_record
     WHERE stream_id = :stream_id AND dispatched_at IS NULL
       AND (CAST(:subscribers AS text[]) IS NULL OR subscriber = ANY(CAST(:subscribers AS text[])))
-    ORDER BY id
+    ORDER BY event_id NULLS FIRST, id
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
     """
@@ -870,18 +871,29 @@ _MARK_DISPATCHED = sa.text(
 )
 
 
+# Status and metrics read no history: an unresolved event is always after its lane's cursor, so
+# each lane's counts come from its backlog alone (by the (lane_id, position) index), and the
+# undispatched records of each stream from the partial index that holds only them.
 _LANE_STATUS = sa.text(
     """
     SELECT s.key, l.lane_key, l.advanced_through, l.next_position - 1,
-           (SELECT count(*) FROM outbox_event AS e
-            WHERE e.lane_id = l.id AND e.position > l.advanced_through AND e.pending = 0),
-           (SELECT count(*) FROM outbox_event AS e WHERE e.lane_id = l.id AND e.pending > 0),
-           (SELECT extract(epoch FROM now() - min(e.created_at)) FROM outbox_event AS e
-            WHERE e.lane_id = l.id AND e.pending > 0),
+           b.resolved_unadvanced, b.unresolved,
+           extract(epoch FROM now() - b.oldest_pending),
            l.lease_owner, l.attempts, l.last_error,
-           extract(epoch FROM now() - l.stalled_since),
-           l.held_identity, extract(epoch FROM now() - l.held_since)
+           extract(epoch FROM now() - l.stalled_since), s.ack_timeout,
+           l.held_identity, extract(epoch FROM now() - l.held_since),
+           s.advance_in, (SELECT r.owner FROM outbox_session AS r
+                          WHERE r.id = s.consumer_session
+                            AND r.ended_at IS NULL AND r.expires_at > now())
     FROM outbox_lane AS l JOIN outbox_stream AS s ON s.id = l.stream_id
+    CROSS JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE e.pending = 0) AS resolved_unadvanced,
+               count(*) FILTER (WHERE e.pending > 0) AS unresolved,
+               min(e.created_at) FILTER (WHERE e.pending > 0) AS oldest_pending
+        FROM outbox_event AS e
+        WHERE e.lane_id = l.id AND e.position > l.advanced_through
+          AND e.position < l.next_position
+    ) AS b
     ORDER BY s.key, l.lane_key
     """
 )
@@ -895,10 +907,10 @@ _LANE_HOLDS = sa.text(
 
 _UNDISPATCHED = sa.text(
     """
-    SELECT s.key, count(r.id)
+    SELECT s.key, (SELECT count(*) FROM outbox_record AS r
+                   WHERE r.stream_id = s.id AND r.dispatched_at IS NULL)
     FROM outbox_stream AS s
-    LEFT JOIN outbox_record AS r ON r.stream_id = s.id AND r.dispatched_at IS NULL
-    GROUP BY s.key ORDER BY s.key
+    ORDER BY s.key
     """
 )
 
@@ -912,7 +924,8 @@ _PRUNE_RECORDS = sa.text(
 )
 
 # Advanced: at or behind its lane's cursor. Unacked rows go with the event; records stay (the
-# dispatched ones are pruned by age above), detached from it. A lane whose broker
+# dispatched ones are pruned by age above), the dispatched ones detached from it. An undispatched
+# record keeps its event id: the reader hands records out in event order. A lane whose broker
 # acknowledgement is held keeps its events from the held one's first occurrence on (all of them
 # if it has none): the broker delivers those again, and they deduplicate the redelivery.
 _PRUNE_EVENTS = sa.text(
@@ -932,7 +945,8 @@ _PRUNE_EVENTS = sa.text(
         DELETE FROM outbox_unacked WHERE event_id IN (SELECT id FROM doomed)
     ),
     detached AS (
-        UPDATE outbox_record SET event_id = NULL WHERE event_id IN (SELECT id FROM doomed)
+        UPDATE outbox_record SET event_id = NULL
+        WHERE event_id IN (SELECT id FROM doomed) AND dispatched_at IS NOT NULL
     )
     DELETE FROM outbox_event WHERE id IN (SELECT id FROM doomed)
     """
@@ -953,11 +967,41 @@ class LaneStatus:
     lease_owner: str | None
     attempts: int
     last_error: str | None
-    stalled_seconds: float | None
+    stalled_seconds: float | None  # since its advances started failing
+    ack_timeout: float  # its stream's
     # The event the lane's broker acknowledgement is held at (as its producer reported), and
     # for how long.
     held_identity: str | None = None
     held_seconds: float | None = None
+    # Who advances it: any committer ("anywhere"), or only the triggerer reading it
+    # ("consumer"); and that triggerer (host:pid), while one runs.
+    advance_in: str = "anywhere"
+    reader: str | None = None
+
+    @property
+    def pending_past_ack_timeout(self) -> bool:
+        """Its oldest pending event is older than the ack timeout: whoever owes it is gone (or
+        the timeout sweep is not running), and the lane cannot advance past it."""
+        return (
+            self.oldest_pending_seconds is not None
+            and self.oldest_pending_seconds > self.ack_timeout
+        )
+
+    @property
+    def stalled(self) -> bool:
+        return self.stalled_seconds is not None or self.pending_past_ack_timeout
+
+    def stall_reasons(self) -> list[str]:
+        """Why the lane is stalled, for people: empty when it is not."""
+        reasons = []
+        if self.stalled_seconds is not None:
+            reasons.append(
+                f"advance failing for {self.stalled_seconds:.1f}s ({self.attempts} attempts): "
+                f"{self.last_error}"
+            )
+        if self.pending_past_ack_timeout:
+            reasons.append(f"pending past ack timeout ({self.ack_timeout:g}s)")
+        return reasons
 
 
 class OutboxStore:
@@ -967,16 +1011,25 @@ class OutboxStore:
     engine (which stays yours). Use it as ``async with`` or call ``aclose()``.
     """
 
-    def __init__(self, engine: AsyncEngine, *, owns_engine: bool = False) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, owns_engine: bool = False, fernet_key: str | None = None
+    ) -> None:
         self.engine = engine
         self._owns_engine = owns_engine
+        # Encrypts trigger kwargs at rest: ``fernet_key``, else $OUTBOX_FERNET_KEY, else
+        # Airflow's $AIRFLOW__CORE__FERNET_KEY (comma-separated keys; the first encrypts).
+        self._cipher = KwargsCipher.configured(fernet_key)
         # Work done in one statement runs outside a transaction block: no BEGIN and COMMIT (or
         # ROLLBACK) round trips around it.
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @classmethod
-    def from_url(cls, url: str, **engine_options: Any) -> OutboxStore:
-        """A store on a new engine for ``url`` (``postgresql://`` or ``postgresql+asyncpg://``)."""
+    def from_url(
+        cls, url: str, *, fernet_key: str | None = None, **engine_options: Any
+    ) -> OutboxStore:
+        """A store on a new engine for ``url`` (``postgresql://`` or ``postgresql+asyncpg://``);
+        ``fernet_key`` as for the constructor."""
+        cipher = KwargsCipher.configured(fernet_key)  # a bad key fails before any engine
         engine_options.setdefault("pool_size", 5)
         # No ping on every checkout (a round trip per transaction): after a database restart
         # the first statement on a stale connection fails as a disconnect, SQLAlchemy discards
@@ -984,9 +1037,17 @@ class OutboxStore:
         engine_options.setdefault("pool_pre_ping", False)
         try:
             engine = create_async_engine(asyncpg_url(url), **engine_options)
-        except (ArgumentError, NoSuchModuleError) as exc:
-            raise ConfigurationError(f"database URL {redact_url(url)!r}: {exc}") from None
-        return cls(engine, owns_engine=True)
+        except ConfigurationError:
+            raise
+        except Exception as exc:  # an engine option that does not fit
+            reason = scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else "", url)
+            raise ConfigurationError(
+                f"database URL {redact_url(url)!r}: {type(exc).__name__}: {reason}; "
+                "check the engine options"
+            ) from None
+        store = cls(engine, owns_engine=True)
+        store._cipher = cipher
+        return store
 
     async def aclose(self) -> None:
         if self._owns_engine:
@@ -1015,7 +1076,7 @@ class OutboxStore:
             raise SchemaNotMigrated(
                 "the database has no outbox tables; run `outbox migrate`"
             ) from None
-        except (OSError, DBAPIError) as exc:
+        except Exception as exc:  # cannot connect: refused, authentication, a bad option ...
             raise DatabaseUnavailable(describe_connection_error(self.engine, exc)) from None
         if version != HEAD_REVISION:
             raise SchemaNotMigrated(
@@ -1028,29 +1089,102 @@ class OutboxStore:
     async def ensure_stream(
         self, key_json: str, trigger_class: str, kwargs_json: str, ack_timeout: float
     ) -> int:
-        """The id of the stream with this key, created or updated with the given builder."""
+        """The id of the stream with this key, created or updated with the given builder (its
+        kwargs encrypted when a Fernet key is configured)."""
         statement = sa.text(
             """
-            INSERT INTO outbox_stream (key, trigger_class, trigger_kwargs, ack_timeout)
-            VALUES (:key, :trigger_class, CAST(:kwargs AS jsonb), :ack_timeout)
+            INSERT INTO outbox_stream
+                (key, trigger_class, trigger_kwargs, trigger_kwargs_encrypted, ack_timeout)
+            VALUES (:key, :trigger_class, CAST(:kwargs AS jsonb), :encrypted, :ack_timeout)
             ON CONFLICT (key) DO UPDATE
             SET trigger_class = excluded.trigger_class, trigger_kwargs = excluded.trigger_kwargs,
+                trigger_kwargs_encrypted = excluded.trigger_kwargs_encrypted,
                 ack_timeout = excluded.ack_timeout
             RETURNING id
             """
         )
+        plain, encrypted = self._kwargs_at_rest(kwargs_json)
         async with self.engine.begin() as conn:
             stream_id = await conn.scalar(
                 statement,
                 {
                     "key": key_json,
                     "trigger_class": trigger_class,
-                    "kwargs": kwargs_json,
+                    "kwargs": plain,
+                    "encrypted": encrypted,
                     "ack_timeout": ack_timeout,
                 },
             )
         assert stream_id is not None
         return int(stream_id)
+
+    def _kwargs_at_rest(self, kwargs_json: str) -> tuple[str | None, str | None]:
+        """``(plain, encrypted)`` kwargs to store: one of them."""
+        if self._cipher is None:
+            warn_unencrypted_once()
+            return kwargs_json, None
+        return None, self._cipher.encrypt(kwargs_json)
+
+    def _kwargs_from_rest(self, key_json: str, plain: str | None, encrypted: str | None) -> str:
+        """The kwargs' JSON of the stream ``key_json`` as stored."""
+        if encrypted is None:
+            if self._cipher is None:
+                warn_unencrypted_once()
+            return plain or "{}"
+        if self._cipher is None:
+            raise ConfigurationError(
+                f"stream {key_json}: its trigger kwargs are encrypted and no Fernet key is "
+                f"configured; set {FERNET_ENV} to the key they were encrypted with"
+            )
+        try:
+            return self._cipher.decrypt(encrypted)
+        except InvalidToken:
+            raise ConfigurationError(
+                f"stream {key_json}: its trigger kwargs do not decrypt with the Fernet keys in "
+                f"{self._cipher.source}; add the key they were encrypted with (keys are "
+                "comma-separated, the first encrypts)"
+            ) from None
+
+    async def rotate_fernet_key(self, *, decrypt: bool = False) -> int:
+        """Encrypt every stream's trigger kwargs again with the first Fernet key (plain ones
+        too), or with ``decrypt`` store them all plain; returns how many streams. One
+        transaction: a stream that does not decrypt changes nothing."""
+        if self._cipher is None and not decrypt:
+            raise ConfigurationError(
+                f"no Fernet key to encrypt with; set {FERNET_ENV} to the new key first, "
+                "followed by the old ones, comma-separated"
+            )
+        async with self.engine.begin() as conn:
+            rows = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT id, key, trigger_kwargs::text, trigger_kwargs_encrypted "
+                        "FROM outbox_stream ORDER BY id FOR UPDATE"
+                    )
+                )
+            ).all()
+            updates = []
+            for stream_id, key_json, plain, encrypted in rows:
+                if decrypt:
+                    kwargs_json = self._kwargs_from_rest(key_json, plain, encrypted)
+                    updates.append({"id": stream_id, "plain": kwargs_json, "encrypted": None})
+                    continue
+                assert self._cipher is not None
+                if encrypted is not None:
+                    self._kwargs_from_rest(key_json, plain, encrypted)  # names the stream
+                    token = self._cipher.rotate(encrypted)
+                else:
+                    token = self._cipher.encrypt(plain or "{}")
+                updates.append({"id": stream_id, "plain": None, "encrypted": token})
+            if updates:
+                await conn.execute(
+                    sa.text(
+                        "UPDATE outbox_stream SET trigger_kwargs = CAST(:plain AS jsonb), "
+                        "trigger_kwargs_encrypted = :encrypted WHERE id = :id"
+                    ),
+                    updates,
+                )
+        return len(rows)
 
     async def ensure_lanes(self, stream_id: int, lane_keys: Iterable[str]) -> dict[str, int]:
         """Lane ids by lane key for ``stream_id``, creating the lanes that do not exist."""
@@ -1074,16 +1208,22 @@ class OutboxStore:
             return {row[0]: row[1] for row in rows}
 
     async def stream_builder(self, stream_id: int) -> tuple[str, str, dict[str, Any]]:
-        """``(key, trigger class path, kwargs)`` of a stream, for rebuilding its producer."""
+        """``(key, trigger class path, kwargs)`` of a stream, for rebuilding its producer.
+        Raises a one-line ``ConfigurationError`` naming the stream if its kwargs are encrypted
+        and no configured key decrypts them."""
         async with self.engine.connect() as conn:
             row = (
                 await conn.execute(
-                    sa.select(stream.c.key, stream.c.trigger_class, stream.c.trigger_kwargs).where(
-                        stream.c.id == stream_id
-                    )
+                    sa.select(
+                        stream.c.key,
+                        stream.c.trigger_class,
+                        sa.cast(stream.c.trigger_kwargs, sa.Text),
+                        stream.c.trigger_kwargs_encrypted,
+                    ).where(stream.c.id == stream_id)
                 )
             ).one()
-        return row[0], row[1], dict(row[2])
+        kwargs = json.loads(self._kwargs_from_rest(row[0], row[2], row[3]))
+        return row[0], row[1], dict(kwargs)
 
     # -- the write path (the caller holds the connection: a transaction, or ``autocommit()``
     #    where each write is one statement) -----------------------------------------------
@@ -1392,7 +1532,7 @@ class OutboxStore:
                 "outbox uses as a separator; use a trigger id without one"
             )
         rows = await conn.execute(
-            _RESOLVE,
+            _RESOLVE if rec_payloads else _RESOLVE_WITHOUT_RECORDS,
             {
                 "event_ids": _ints(event_ids),
                 "names": names_text,
@@ -1810,6 +1950,9 @@ class OutboxStore:
 
     async def lane_status(self) -> list[LaneStatus]:
         async with self.engine.connect() as conn:
+            # The planner cannot know how short a lane's backlog is: estimating a part of its
+            # whole history, it compiled the statement (JIT), 1.9 s at 2,000,000 events.
+            await conn.execute(sa.text("SET LOCAL jit = off"))
             rows = await conn.execute(_LANE_STATUS)
             return [
                 LaneStatus(
@@ -1824,8 +1967,11 @@ class OutboxStore:
                     attempts=r[8],
                     last_error=r[9],
                     stalled_seconds=None if r[10] is None else float(r[10]),
-                    held_identity=r[11],
-                    held_seconds=None if r[12] is None else float(r[12]),
+                    ack_timeout=float(r[11]),
+                    held_identity=r[12],
+                    held_seconds=None if r[13] is None else float(r[13]),
+                    advance_in=r[14],
+                    reader=r[15],
                 )
                 for r in rows
             ]
@@ -1851,13 +1997,3 @@ class OutboxStore:
         async with self.engine.begin() as conn:
             events = (await conn.execute(_PRUNE_EVENTS, params)).rowcount
         return records, events
-
-
-def describe_connection_error(engine: AsyncEngine, exc: BaseException) -> str:
-    """One line naming the database (password hidden) and why it cannot be used."""
-    url = engine.url.render_as_string(hide_password=True)
-    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0] if str(exc) else ""
-    return (
-        f"cannot connect to {url}: {reason or type(exc).__name__}; "
-        "check the URL and that the server runs"
-    )

@@ -7,8 +7,9 @@ the next events never waits behind a large batch of resolutions. Each task takes
 a batch is in flight the next one gathers, so the batch size follows the load. A batch whose writes
 are each a single statement (resolutions; events without identities) runs outside a transaction
 block, one statement per write kind; any other commits as one transaction. A large batch of
-resolutions is cut by event into up to ``parallel`` transactions committed concurrently (Postgres
-then works on them on several cores); an item still commits in exactly one transaction.
+resolutions is cut by event into up to ``parallel`` transactions run concurrently (Postgres then
+works on them on several cores) that commit in event order; an item still commits in exactly one
+transaction.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from outbox.core import backoff_delay
+from outbox.dburl import scrub, shown_url
 from outbox.errors import DatabaseUnavailable
 from outbox.store import EVENT_ID, OWNER, STATE, SUBSCRIBER
 
@@ -40,6 +42,12 @@ log = logging.getLogger("outbox.writer")
 
 Callback = Callable[[Any], None]
 T = TypeVar("T")
+
+# How long a part of a split batch, its statements done, holds its transaction open for the part
+# before it to commit. Past this it rolls back and runs again once that part is done: its row
+# locks may be what the earlier part waits for, through another writer's transaction (several
+# triggerers resolving the same events), a wait that Postgres cannot see as a deadlock.
+TURN_WAIT = 1.0
 
 # SQLSTATE classes worth retrying: connection exceptions, serialization failure, deadlock,
 # lock timeout, server shutdown, too many connections.
@@ -73,10 +81,11 @@ def error_line(exc: BaseException) -> str:
 def unavailable(store: OutboxStore, exc: BaseException, elapsed: float, limit: float) -> Exception:
     """``DatabaseUnavailable`` for an outage that outlasted ``limit``: one line naming the
     database (password hidden) and what to do."""
-    url = store.engine.url.render_as_string(hide_password=True)
+    url = store.engine.url
     return DatabaseUnavailable(
-        f"database {url} unreachable for {elapsed:.1f}s, longer than outage_limit={limit:g}s "
-        f"({error_line(exc)}); the stream stopped: subscribe again once the database is back"
+        f"database {shown_url(url)} unreachable for {elapsed:.1f}s, longer than "
+        f"outage_limit={limit:g}s ({scrub(error_line(exc), url)}); the stream stopped: "
+        "subscribe again once the database is back"
     )
 
 
@@ -270,14 +279,29 @@ class Writer:
             else:
                 # Disjoint sets of events, so the transactions touch disjoint rows; each item
                 # still commits in exactly one transaction. Callbacks wait for all of them.
-                done = await asyncio.gather(
-                    *(self._commit_with_retry([batch[i] for i in part]) for part in parts)
-                )
+                done = await self._commit_in_event_order([[batch[i] for i in p] for p in parts])
                 results = [None] * len(batch)
                 for part, part_results in zip(parts, done, strict=True):
                     for i, result in zip(part, part_results, strict=True):
                         results[i] = result
             self._finish(batch, results)
+
+    async def _commit_in_event_order(self, parts: list[list[_Queued]]) -> list[list[Any]]:
+        """Commit the parts concurrently, each after the one before it (earlier events): a
+        reader, which hands records out in event order, then never sees a later event's
+        records before an earlier one's have committed."""
+        loop = asyncio.get_running_loop()
+        turns: list[asyncio.Future[None]] = [loop.create_future() for _ in parts]
+
+        async def commit(index: int) -> list[Any]:
+            try:
+                return await self._commit_with_retry(
+                    parts[index], turn=turns[index - 1] if index else None
+                )
+            finally:
+                turns[index].set_result(None)
+
+        return await asyncio.gather(*(commit(i) for i in range(len(parts))))
 
     def _partition(self, batch: Sequence[_Queued]) -> list[list[int]]:
         """Split a large batch into up to ``parallel`` groups of item indexes, one transaction
@@ -303,16 +327,23 @@ class Writer:
         return [part for part in parts if part]
 
     async def _commit_with_retry(
-        self, batch: list[_Queued], *, after_failure: bool = False
+        self,
+        batch: list[_Queued],
+        *,
+        after_failure: bool = False,
+        turn: asyncio.Future[None] | None = None,
     ) -> list[Any]:
         """Commit ``batch``; the result of each item, or the exception that failed it.
-        ``after_failure``: an earlier attempt at these items failed (and may have stored some)."""
+        ``after_failure``: an earlier attempt at these items failed (and may have stored some).
+        ``turn``: commit only once it is done."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         attempts = 0
         while True:
             try:
-                return await self._commit(batch, after_failure=after_failure or attempts > 0)
+                return await self._commit(
+                    batch, after_failure=after_failure or attempts > 0, turn=turn
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -332,9 +363,11 @@ class Writer:
                     # check what they find stored.)
                     middle = len(batch) // 2
                     partial = _each_alone(batch)
-                    first = await self._commit_with_retry(batch[:middle], after_failure=partial)
+                    first = await self._commit_with_retry(
+                        batch[:middle], after_failure=partial, turn=turn
+                    )
                     return first + await self._commit_with_retry(
-                        batch[middle:], after_failure=partial
+                        batch[middle:], after_failure=partial, turn=turn
                     )
                 if transient:
                     exc = unavailable(self._store, exc, elapsed, self._outage_limit)
@@ -378,14 +411,34 @@ class Writer:
             except Exception:  # a callback bug must not stop the writer
                 log.exception("outbox writer callback failed")
 
-    async def _commit(self, batch: list[_Queued], *, after_failure: bool = False) -> list[Any]:
+    async def _commit(
+        self,
+        batch: list[_Queued],
+        *,
+        after_failure: bool = False,
+        turn: asyncio.Future[None] | None = None,
+    ) -> list[Any]:
+        if turn is not None and not turn.done():
+            try:
+                return await self._commit_items(batch, after_failure=after_failure, turn=turn)
+            except _OutOfTurn:
+                await turn  # rolled back, nothing stored: run again once it is our turn
+        return await self._commit_items(batch, after_failure=after_failure)
+
+    async def _commit_items(
+        self,
+        batch: list[_Queued],
+        *,
+        after_failure: bool,
+        turn: asyncio.Future[None] | None = None,
+    ) -> list[Any]:
         events, resolutions, unbound = _classify(batch)
         lost: set[int] = set()  # indexes in ``resolutions``
         if events or resolutions or unbound:
             lanes_may_be_ready = bool(resolutions)
             connection = (
                 self._store.autocommit()
-                if _one_statement_each(events, resolutions, unbound)
+                if turn is None and _one_statement_each(events, resolutions, unbound)
                 else self._store.engine.begin()
             )
             async with connection as conn:
@@ -399,6 +452,8 @@ class Writer:
                         lost = await self._won_before(conn, resolutions, lost)
                 if unbound:
                     await self._store.insert_unbound_records(conn, unbound)
+                if turn is not None:
+                    await _wait_for_turn(turn)
             self.transactions += 1
             if self._on_commit is not None and lanes_may_be_ready:
                 self._on_commit()
@@ -432,6 +487,16 @@ class Writer:
             if (r[EVENT_ID], r[SUBSCRIBER], r[STATE]) in stored:
                 lost.discard(i)
         return lost
+
+
+class _OutOfTurn(Exception):
+    """The part before this one did not commit within ``TURN_WAIT``: roll back, wait, redo."""
+
+
+async def _wait_for_turn(turn: asyncio.Future[None]) -> None:
+    done, _ = await asyncio.wait({turn}, timeout=TURN_WAIT)
+    if not done:
+        raise _OutOfTurn
 
 
 def _classify(

@@ -64,6 +64,35 @@ async def test_status_shows_lanes_backlog_stalls_and_undispatched(
     assert "stalled" in table.stdout and '"b"' in table.stdout
 
 
+async def test_a_lane_pending_past_its_ack_timeout_shows_as_stalled(
+    store: OutboxStore, database_url: str
+) -> None:
+    """Orphans of a dead triggerer (nobody sweeps them: no committer runs) hold a lane up: status
+    and the stalled-lanes metric say so, while a lane pending for less than the timeout is ok."""
+    await add_events(store, ["a1", "a2", "b1"], lane_of=lambda p: p[0], ack_timeout=30.0)
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            sa.text(
+                "UPDATE outbox_event SET created_at = now() - interval '45 seconds' "
+                "WHERE payload = '\"a1\"'"
+            )
+        )
+    status = json.loads(cli("status", "--json", "--database-url", database_url).stdout)
+    by_lane = {lane["lane"]: lane for lane in status["lanes"]}
+    assert status["stalled"] == ['["queue","q"] "a"']
+    assert by_lane['"a"']["stalled"] and by_lane['"a"']["ack_timeout"] == 30.0
+    assert by_lane['"a"']["state"] == "stalled: pending past ack timeout (30s)"
+    assert by_lane['"b"']["state"] == "ok" and not by_lane['"b"']["stalled"]
+    table = cli("status", "--database-url", database_url)
+    assert table.returncode == 0, table.stderr
+    assert "pending past ack timeout (30s)" in table.stdout
+    lane_b = next(line for line in table.stdout.splitlines() if '"b"' in line)
+    assert lane_b.rstrip(" │|").endswith("ok")
+    metrics = CommitterMetrics()
+    await metrics.refresh(store)
+    assert "outbox_stalled_lanes 1.0" in generate_latest(metrics.registry).decode()
+
+
 async def test_status_of_an_unmigrated_database_says_run_migrate(empty_database_url: str) -> None:
     result = cli("status", "--database-url", empty_database_url)
     assert result.returncode == 2
@@ -105,7 +134,8 @@ async def test_prune_deletes_only_old_advanced_events_and_old_dispatched_records
         ).all()
         deliveries = await conn.scalar(sa.text("SELECT count(*) FROM outbox_delivery"))
     assert left == [3]  # unadvanced: kept
-    assert sorted(records) == [(False, True), (True, True)]  # undispatched records stay
+    # Undispatched records stay, with their event's id (the reader's order), pruned or not.
+    assert sorted(records) == [(False, True), (False, True)]
     assert deliveries == 0
 
 

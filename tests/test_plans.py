@@ -1,10 +1,12 @@
-"""Nothing on the hot path scans history.
+"""Nothing on the hot path, nor status and metrics, scans history.
 
 A database holding a long advanced history (events, deliveries, records) runs the write path and
 the committer: recording with identities (and a redelivery), resolving with trigger events, the
-timeout sweep, a committer pass. Every statement they sent is explained again with its own
-parameters, and no plan may read a whole outbox table: the history must cost nothing per event
-(bench/retention.py measures the same with 10,000,000 rows).
+timeout sweep, a committer pass, a reader's claim, ``outbox status`` and the committer's metrics
+refresh. Every statement they sent is explained again with its own parameters, and no plan may
+read a whole outbox table: the history must cost nothing per event (bench/retention.py measures
+the same with 10,000,000 rows, bench/status.py status with 2,000,000 events). Status and metrics
+are also run (EXPLAIN ANALYZE) and may read only a few rows of the history.
 """
 
 from __future__ import annotations
@@ -14,13 +16,19 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from outbox import LaneCommitter
+from outbox import LaneCommitter, OutboxReader
 from outbox.core import canonical_json
+from outbox.metrics import CommitterMetrics
+from outbox.status import collect_status
 from outbox.store import EventToRecord, ResolutionRow
 from tests.test_committer import KEY, Producer
 
 if TYPE_CHECKING:
-    from outbox import OutboxStore
+    from collections.abc import Awaitable, Callable
+
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from outbox import OutboxRecord, OutboxStore
 
 LANES = 4
 HISTORY_PER_LANE = 25_000
@@ -44,7 +52,7 @@ SELECT e.stream_id, e.id, 's1', 0, '{{"old": true}}', now() - interval '29 days'
 """
 
 
-async def test_hot_statements_use_indexes_with_a_long_history(store: OutboxStore) -> None:
+async def _long_history(store: OutboxStore) -> tuple[int, list[int]]:
     stream_id = await store.ensure_stream(
         canonical_json(KEY, what="key"), "tests.NotATrigger", "{}", 300.0
     )
@@ -59,7 +67,13 @@ async def test_hot_statements_use_indexes_with_a_long_history(store: OutboxStore
     async with store.engine.connect() as conn:
         await conn.execution_options(isolation_level="AUTOCOMMIT")
         await conn.execute(sa.text("ANALYZE"))
+    return stream_id, lane_ids
 
+
+async def _statements_sent(
+    store: OutboxStore, work: Callable[[], Awaitable[None]]
+) -> dict[str, Any]:
+    """Each outbox statement ``work`` sent, with its first parameters."""
     sent: dict[str, Any] = {}
 
     def capture(_c: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
@@ -68,9 +82,15 @@ async def test_hot_statements_use_indexes_with_a_long_history(store: OutboxStore
 
     sa.event.listen(store.engine.sync_engine, "before_cursor_execute", capture)
     try:
-        await _workload(store, stream_id, lane_ids)
+        await work()
     finally:
         sa.event.remove(store.engine.sync_engine, "before_cursor_execute", capture)
+    return sent
+
+
+async def test_hot_statements_use_indexes_with_a_long_history(store: OutboxStore) -> None:
+    stream_id, lane_ids = await _long_history(store)
+    sent = await _statements_sent(store, lambda: _workload(store, stream_id, lane_ids))
 
     assert any("pg_notify" in s for s in sent) and any("FOR NO KEY UPDATE" in s for s in sent)
     whole_table_reads = {}
@@ -112,3 +132,54 @@ async def _workload(store: OutboxStore, stream_id: int, lane_ids: list[int]) -> 
     lanes = LaneCommitter(store, producers={KEY: Producer()}, sweep_timeouts=True)
     assert await lanes.run_once() > 0
     await lanes.release()
+    await _claim_some(store)
+    await _status_and_metrics(store)
+
+
+async def _claim_some(store: OutboxStore) -> None:
+    async def take(conn: AsyncConnection, records: list[OutboxRecord]) -> None:
+        assert records
+
+    assert await OutboxReader(store, batch_size=10).process(take) == 10
+
+
+async def _status_and_metrics(store: OutboxStore) -> None:
+    status = await collect_status(store)
+    assert len(status["lanes"]) == LANES  # type: ignore[arg-type]
+    await CommitterMetrics().refresh(store)
+
+
+# The rows of history a status statement may touch: the new events after the cursors (40) and
+# their records, far below the 100,000 events and records behind them.
+STATUS_ROWS_READ_LIMIT = 1000
+
+
+async def test_status_and_metrics_read_only_the_backlog_of_a_long_history(
+    store: OutboxStore,
+) -> None:
+    stream_id, lane_ids = await _long_history(store)
+    await _workload(store, stream_id, lane_ids)
+    sent = await _statements_sent(store, lambda: _status_and_metrics(store))
+    assert any("outbox_event" in s for s in sent) and any("outbox_record" in s for s in sent)
+    read: dict[str, int] = {}
+    async with store.engine.connect() as conn:
+        for statement, parameters in sent.items():
+            rows = await conn.exec_driver_sql(
+                "EXPLAIN (ANALYZE, FORMAT JSON) " + statement, parameters
+            )
+            plan = rows.scalar_one()
+            read[statement.strip()[:120]] = _history_rows_read(plan[0]["Plan"])
+        await conn.rollback()
+    assert all(n <= STATUS_ROWS_READ_LIMIT for n in read.values()), read
+
+
+def _history_rows_read(node: dict[str, Any]) -> int:
+    """Rows the plan's scans of outbox_event and outbox_record produced or filtered away."""
+    total = 0
+    if node.get("Relation Name") in ("outbox_event", "outbox_record"):
+        loops = node.get("Actual Loops", 1)
+        produced = node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)
+        total += int(produced * loops) + int(node.get("Heap Fetches", 0))
+    for child in node.get("Plans", []):
+        total += _history_rows_read(child)
+    return total
