@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pgsupport import OUTBOX_TABLES, bench_database, plain_url
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Hashable, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 
     from outbox import AdvanceItem
 
@@ -50,6 +50,8 @@ def _classes() -> tuple[type[Any], type[Any]]:
         n: ClassVar[int] = 0
         advanced: ClassVar[int] = 0
         unclean: ClassVar[int] = 0
+        example: ClassVar[str] = ""
+        everyone_joined: ClassVar[Callable[[], Awaitable[None]] | None] = None
         subscribers: ClassVar[int] = 4
         first: ClassVar[float | None] = None
         done: ClassVar[asyncio.Event | None] = None
@@ -57,7 +59,8 @@ def _classes() -> tuple[type[Any], type[Any]]:
 
         async def open_stream(self) -> AsyncIterator[tuple[Any, Any]]:
             cls = type(self)
-            assert cls.space is not None
+            assert cls.space is not None and cls.everyone_joined is not None
+            await cls.everyone_joined()  # the other triggerer's subscribers too
             cls.first = time.perf_counter()
             for i in range(cls.n):
                 while i - cls.advanced >= WINDOW:
@@ -74,6 +77,7 @@ def _classes() -> tuple[type[Any], type[Any]]:
             for _, outcome in batch:
                 if outcome.acked != cls.subscribers or outcome.failed or outcome.rejected:
                     cls.unclean += 1
+                    cls.example = repr(outcome)
             cls.advanced += len(batch)
             assert cls.space is not None and cls.done is not None
             cls.space.set()
@@ -117,6 +121,19 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
     producer_class.done = asyncio.Event()
     producer_class.space = asyncio.Event()
     names = args.subscribers.split(",")
+
+    async def everyone_joined() -> None:
+        import psycopg
+
+        async with await psycopg.AsyncConnection.connect(plain_url(args.database_url)) as conn:
+            while True:
+                cursor = await conn.execute("SELECT count(*) FROM outbox_subscriber")
+                row = await cursor.fetchone()
+                if row is not None and row[0] >= 4:
+                    return
+                await asyncio.sleep(0.05)
+
+    producer_class.everyone_joined = everyone_joined
     received = dict.fromkeys(names, 0)
     everyone = asyncio.Event()
 
@@ -128,10 +145,7 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     async with OutboxStore.from_url(args.database_url) as store:
         manager = SharedStreamManager(
-            store,
-            cohort_grace_period=args.grace,
-            run_committer=args.worker == "lead",
-            follow_interval=0.2,
+            store, run_committer=args.worker == "lead", follow_interval=0.2
         )
         tasks = [
             asyncio.create_task(
@@ -156,38 +170,43 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
         "events": args.events,
         "wall": wall,
         "unclean": producer_class.unclean,
+        "example": producer_class.example,
         "received": received,
     }
 
 
 def run_config(layout: Sequence[str], args: argparse.Namespace, url: str, stream: str) -> float:
-    """Events/s of one run: ``layout`` lists each triggerer's subscribers; the first reads."""
+    """Events/s of one run: ``layout`` lists each triggerer's subscribers; the first reads (it
+    starts first, and its producer waits until every subscriber has joined)."""
     common = [sys.executable, __file__, "--database-url", url, "--events", str(args.events)]
     common += ["--stream", stream, "--timeout", str(args.timeout)]
+    lead = subprocess.Popen(
+        [*common, "--worker", "lead", "--subscribers", layout[0]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert lead.stdout is not None
+    assert lead.stdout.readline().strip() == "ready"
+    time.sleep(0.5)  # the reader takes the stream's producer before the others join
     followers = [
         subprocess.Popen(
-            [*common, "--worker", "follow", "--subscribers", subs, "--grace", "0"],
-            stdout=subprocess.PIPE,
+            [*common, "--worker", "follow", "--subscribers", subs],
+            stdout=subprocess.DEVNULL,
             text=True,
         )
         for subs in layout[1:]
     ]
-    for proc in followers:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"
-    lead = subprocess.run(
-        [*common, "--worker", "lead", "--subscribers", layout[0], "--grace", str(args.grace)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    out, err = lead.communicate(timeout=args.timeout)
     for proc in followers:
         proc.wait(args.timeout)
     if lead.returncode != 0:
-        raise RuntimeError(f"reader failed: {lead.stderr[-2000:]}")
-    result = json.loads(lead.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"reader failed: {err[-2000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
     if result["unclean"]:
-        raise RuntimeError(f"{result['unclean']} events advanced without four clean acks")
+        raise RuntimeError(
+            f"{result['unclean']} events advanced without four clean acks, e.g. {result['example']}"
+        )
     return float(args.events / result["wall"])
 
 
@@ -228,7 +247,6 @@ def main() -> int:
     p.add_argument("--worker", choices=("lead", "follow"), help=argparse.SUPPRESS)
     p.add_argument("--subscribers", help=argparse.SUPPRESS)
     p.add_argument("--stream", default="s", help=argparse.SUPPRESS)
-    p.add_argument("--grace", type=float, default=1.0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.tiny:
         args.events, args.repeat = 500, 1

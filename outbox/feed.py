@@ -33,8 +33,9 @@ log = logging.getLogger("outbox.manager")
 
 HOLDS_REPORTED_EVERY = 1.0  # seconds between reads of where the committer says a stream is held
 
-# A follower tries to take the producer over this many follow intervals apart (and at once when
-# the leader releases it): the leader's session must have ended first.
+# A follower tries to take the producer over this many follow intervals apart, at least a second
+# (and at once when the reader releases it): the reader's session must have ended first. It
+# looks at everything still owed to its subscribers as often.
 TAKEOVER_EVERY = 5
 
 
@@ -205,26 +206,33 @@ async def _follow(group: StreamGroup) -> None:
 
 
 async def _follow_turns(group: StreamGroup) -> None:
+    """Look at what was recorded since the last look whenever the reader says it recorded some
+    (or ``follow_interval`` passed); now and then look at everything still owed (a redelivery
+    may have re-opened an older event); return when it is time to try taking the producer."""
     host = group.host
-    for turn in range(TAKEOVER_EVERY):
-        if turn == 0:
-            await _hand_out_all_owed(group)  # a redelivery may have re-opened older ones
+    loop = asyncio.get_running_loop()
+    every = max(1.0, TAKEOVER_EVERY * host.follow_interval)
+    started = loop.time()
+    full_due = started
+    while not group.consumer_released and loop.time() - started < every:
+        if loop.time() >= full_due:
+            await _hand_out_all_owed(group)
+            full_due = loop.time() + every
         else:
             more = await _hand_out_owed(group, after=group.followed_through)
             group.followed_through = more if more is not None else group.last_seen
         group.wakeup.clear()
-        group.resume.clear()
-        waiter = asyncio.ensure_future(group.wakeup.wait())
-        resumed = asyncio.ensure_future(group.resume.wait())
+        # Woken when the reader recorded more; when the queues were full, also when a
+        # subscriber makes room (not on every event it takes: that would look once an event).
+        waits = {asyncio.ensure_future(group.wakeup.wait())}
+        if group.room() <= 0:
+            group.resume.clear()
+            waits.add(asyncio.ensure_future(group.resume.wait()))
         try:
-            await asyncio.wait(
-                {waiter, resumed}, timeout=host.follow_interval, return_when="FIRST_COMPLETED"
-            )
+            await asyncio.wait(waits, timeout=host.follow_interval, return_when="FIRST_COMPLETED")
         finally:
-            waiter.cancel()
-            resumed.cancel()
-        if group.consumer_released:
-            return
+            for waiting in waits:
+                waiting.cancel()
 
 
 async def catch_up(group: StreamGroup) -> None:

@@ -130,6 +130,8 @@ class StreamGroup:
     catch_up_events: set[int] = field(default_factory=set)
     # The highest event id this group recorded and handed out.
     last_recorded: int = 0
+    # Whether what this group records is owed to subscribers on other triggerers too.
+    owed_elsewhere: bool = False
     codec: Codec | None = None
     terminated: bool = False
     stopping: bool = False
@@ -689,6 +691,14 @@ class StreamGroup:
                     if subscriber is not None and subscriber.registration == event.owners.get(name):
                         self.write_failure(name, event.event_id, "stream stopped before broadcast")
             return
+        if events:
+            # Owed to subscribers elsewhere: their resolutions (which wake this committer by
+            # notification) may be what completes an event.
+            owners = events[-1].owners
+            self.owed_elsewhere = any(
+                (s := self.subscribers.get(name)) is None or s.registration != registration
+                for name, registration in owners.items()
+            )
         fresh = []
         reused = []
         for event, raw in zip(events, raws, strict=True):

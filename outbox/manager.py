@@ -342,10 +342,18 @@ class SharedStreamManager:
 
     async def _listen(self) -> None:
         """Wake followers when another triggerer records events for them or releases a
-        producer. Without the notifications (a lost connection), followers look every
-        ``follow_interval`` seconds anyway."""
+        producer, and the in-process committer when a lane's next event is resolved (by a
+        subscriber on another triggerer, say). Without the notifications (a lost connection),
+        followers look every ``follow_interval`` seconds anyway, the committer every
+        ``poll_interval``."""
 
         def wake(channel: str, payload: str) -> None:
+            if channel == "outbox_resolved":
+                # A lane's next event resolved (elsewhere, maybe): this committer's own writer
+                # wakes it for its own resolutions, so only streams owed elsewhere need this.
+                if any(g.owed_elsewhere and g.role == "leader" for g in self._streams.values()):
+                    self._committer_wakeup.set()
+                return
             ids = {int(p) for p in payload.split(",") if p.isdigit()}
             for group in self._streams.values():
                 if group.stream_id in ids:

@@ -1,10 +1,11 @@
 """``OutboxReader``: hands stored trigger events to a consumer, exactly once when the consumer
 writes to the same database.
 
-A claim locks a stream (so records of a stream are handed out in record order, one reader at a
-time) and its oldest undispatched records (``FOR UPDATE SKIP LOCKED``) inside the caller's own
-transaction; marking them dispatched in that transaction makes the hand-off and the caller's own
-writes commit, or roll back, together. Several readers share the streams.
+A claim locks a stream (one reader at a time) and its oldest undispatched records in event order
+(``FOR UPDATE SKIP LOCKED``) inside the caller's own transaction, holding back a subscriber's
+records of an event after one it still owes: each subscriber gets its records in event order,
+however the writers batched them. Marking them dispatched in that transaction makes the hand-off
+and the caller's own writes commit, or roll back, together. Several readers share the streams.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
 __all__ = ("OutboxReader", "OutboxRecord")
 
 log = logging.getLogger("outbox.reader")
+
+# Subscribers remembered per stream before the reader forgets them all (and reads further back
+# once): a bound on memory with subscribers coming and going.
+_MOST_SETTLED = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,16 +96,29 @@ class OutboxReader:
         self.poll_interval = poll_interval
         self._wakeup = asyncio.Event()
         self._codec = Codec(allowed_modules)
+        # By stream: {subscriber: event id} before which the subscriber owes nothing, so that
+        # a claim need not read those events again to hold back records (``claim_records``).
+        self._settled: dict[int, dict[str, int]] = {}
 
     async def claim(self, conn: AsyncConnection, *, limit: int | None = None) -> list[OutboxRecord]:
         """Lock and return the oldest undispatched records of one stream that no other reader
-        holds, in record order, within the caller's transaction on ``conn``."""
+        holds, in event order (each subscriber's records after those of every event it owes), within
+        the caller's transaction on ``conn``."""
         rows = await self._store.claim_records(
             conn,
             stream_keys=self._stream_keys,
             subscribers=self._subscribers,
             limit=limit or self.batch_size,
+            settled=self._settled,
         )
+        if rows:
+            # Seen to owe nothing before these events (whether or not this claim commits).
+            settled = self._settled.setdefault(rows[0][1], {})
+            if len(settled) > _MOST_SETTLED:
+                settled.clear()
+            for _, _, event_id, subscriber, _, _ in rows:
+                if event_id is not None and event_id > settled.get(subscriber, 0):
+                    settled[subscriber] = event_id
         decode = self._codec.decode_parsed
         return [
             OutboxRecord(record_id, stream_id, event_id, subscriber, ordinal, decode(payload))

@@ -7,9 +7,10 @@ the next events never waits behind a large batch of resolutions. Each task takes
 a batch is in flight the next one gathers, so the batch size follows the load. A batch whose writes
 are each a single statement (resolutions; events without identities) runs outside a transaction
 block, one statement per write kind; any other commits as one transaction. A large batch of
-resolutions is cut by event into up to ``parallel`` transactions run concurrently (Postgres then
-works on them on several cores) that commit in event order; an item still commits in exactly one
-transaction.
+resolutions is cut by event into up to ``parallel`` transactions committed concurrently (Postgres
+then works on them on several cores); an item still commits in exactly one transaction. (A later
+part may commit first: ``OutboxReader`` hands a subscriber's records out in event order all the
+same, holding back those after an event the subscriber still owes.)
 """
 
 from __future__ import annotations
@@ -42,12 +43,6 @@ log = logging.getLogger("outbox.writer")
 
 Callback = Callable[[Any], None]
 T = TypeVar("T")
-
-# How long a part of a split batch, its statements done, holds its transaction open for the part
-# before it to commit. Past this it rolls back and runs again once that part is done: its row
-# locks may be what the earlier part waits for, through another writer's transaction (several
-# triggerers resolving the same events), a wait that Postgres cannot see as a deadlock.
-TURN_WAIT = 1.0
 
 # SQLSTATE classes worth retrying: connection exceptions, serialization failure, deadlock,
 # lock timeout, server shutdown, too many connections.
@@ -279,29 +274,14 @@ class Writer:
             else:
                 # Disjoint sets of events, so the transactions touch disjoint rows; each item
                 # still commits in exactly one transaction. Callbacks wait for all of them.
-                done = await self._commit_in_event_order([[batch[i] for i in p] for p in parts])
+                done = await asyncio.gather(
+                    *(self._commit_with_retry([batch[i] for i in part]) for part in parts)
+                )
                 results = [None] * len(batch)
                 for part, part_results in zip(parts, done, strict=True):
                     for i, result in zip(part, part_results, strict=True):
                         results[i] = result
             self._finish(batch, results)
-
-    async def _commit_in_event_order(self, parts: list[list[_Queued]]) -> list[list[Any]]:
-        """Commit the parts concurrently, each after the one before it (earlier events): a
-        reader, which hands records out in event order, then never sees a later event's
-        records before an earlier one's have committed."""
-        loop = asyncio.get_running_loop()
-        turns: list[asyncio.Future[None]] = [loop.create_future() for _ in parts]
-
-        async def commit(index: int) -> list[Any]:
-            try:
-                return await self._commit_with_retry(
-                    parts[index], turn=turns[index - 1] if index else None
-                )
-            finally:
-                turns[index].set_result(None)
-
-        return await asyncio.gather(*(commit(i) for i in range(len(parts))))
 
     def _partition(self, batch: Sequence[_Queued]) -> list[list[int]]:
         """Split a large batch into up to ``parallel`` groups of item indexes, one transaction
@@ -331,19 +311,15 @@ class Writer:
         batch: list[_Queued],
         *,
         after_failure: bool = False,
-        turn: asyncio.Future[None] | None = None,
     ) -> list[Any]:
         """Commit ``batch``; the result of each item, or the exception that failed it.
-        ``after_failure``: an earlier attempt at these items failed (and may have stored some).
-        ``turn``: commit only once it is done."""
+        ``after_failure``: an earlier attempt at these items failed (and may have stored some)."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         attempts = 0
         while True:
             try:
-                return await self._commit(
-                    batch, after_failure=after_failure or attempts > 0, turn=turn
-                )
+                return await self._commit(batch, after_failure=after_failure or attempts > 0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -363,11 +339,9 @@ class Writer:
                     # check what they find stored.)
                     middle = len(batch) // 2
                     partial = _each_alone(batch)
-                    first = await self._commit_with_retry(
-                        batch[:middle], after_failure=partial, turn=turn
-                    )
+                    first = await self._commit_with_retry(batch[:middle], after_failure=partial)
                     return first + await self._commit_with_retry(
-                        batch[middle:], after_failure=partial, turn=turn
+                        batch[middle:], after_failure=partial
                     )
                 if transient:
                     exc = unavailable(self._store, exc, elapsed, self._outage_limit)
@@ -411,34 +385,14 @@ class Writer:
             except Exception:  # a callback bug must not stop the writer
                 log.exception("outbox writer callback failed")
 
-    async def _commit(
-        self,
-        batch: list[_Queued],
-        *,
-        after_failure: bool = False,
-        turn: asyncio.Future[None] | None = None,
-    ) -> list[Any]:
-        if turn is not None and not turn.done():
-            try:
-                return await self._commit_items(batch, after_failure=after_failure, turn=turn)
-            except _OutOfTurn:
-                await turn  # rolled back, nothing stored: run again once it is our turn
-        return await self._commit_items(batch, after_failure=after_failure)
-
-    async def _commit_items(
-        self,
-        batch: list[_Queued],
-        *,
-        after_failure: bool,
-        turn: asyncio.Future[None] | None = None,
-    ) -> list[Any]:
+    async def _commit(self, batch: list[_Queued], *, after_failure: bool = False) -> list[Any]:
         events, resolutions, unbound = _classify(batch)
         lost: set[int] = set()  # indexes in ``resolutions``
         if events or resolutions or unbound:
             lanes_may_be_ready = bool(resolutions)
             connection = (
                 self._store.autocommit()
-                if turn is None and _one_statement_each(events, resolutions, unbound)
+                if _one_statement_each(events, resolutions, unbound)
                 else self._store.engine.begin()
             )
             async with connection as conn:
@@ -452,8 +406,6 @@ class Writer:
                         lost = await self._won_before(conn, resolutions, lost)
                 if unbound:
                     await self._store.insert_unbound_records(conn, unbound)
-                if turn is not None:
-                    await _wait_for_turn(turn)
             self.transactions += 1
             if self._on_commit is not None and lanes_may_be_ready:
                 self._on_commit()
@@ -487,16 +439,6 @@ class Writer:
             if (r[EVENT_ID], r[SUBSCRIBER], r[STATE]) in stored:
                 lost.discard(i)
         return lost
-
-
-class _OutOfTurn(Exception):
-    """The part before this one did not commit within ``TURN_WAIT``: roll back, wait, redo."""
-
-
-async def _wait_for_turn(turn: asyncio.Future[None]) -> None:
-    done, _ = await asyncio.wait({turn}, timeout=TURN_WAIT)
-    if not done:
-        raise _OutOfTurn
 
 
 def _classify(

@@ -2,7 +2,8 @@
 
 A large batch of resolutions is split by event into transactions committed concurrently
 (``Writer(parallel=2)``): a later event's records may be inserted (and get their ids) before an
-earlier one's, and its transaction may finish first. A reader claiming all the while must still
+earlier one's, and its transaction may finish first (here made sure of, by holding an event of
+the first part). A reader claiming all the while must still
 never hand out a subscriber's record after a record of a later event.
 """
 
@@ -78,8 +79,27 @@ async def test_records_are_handed_out_in_event_order_per_subscriber_under_split_
         handed.extend(records)
 
     reader = OutboxReader(store, batch_size=700)
-    writer.start()
-    writing = asyncio.create_task(writer.barrier())
+
+    async def stored_for(event_id: int) -> bool:
+        async with store.engine.connect() as conn:
+            found = await conn.scalar(
+                sa.text("SELECT count(*) FROM outbox_record WHERE event_id = :id"), {"id": event_id}
+            )
+        return bool(found)
+
+    # The first batch's first part waits for an event another transaction holds, while its
+    # second part commits: the reader then sees later events' records before earlier ones'.
+    async with store.engine.connect() as other:
+        await other.begin()
+        await other.execute(
+            sa.text("SELECT 1 FROM outbox_event WHERE id = :id FOR UPDATE"), {"id": event_ids[10]}
+        )
+        writer.start()
+        writing = asyncio.create_task(writer.barrier())
+        await eventually(lambda: stored_for(event_ids[900]), within=30)
+        while await reader.process(keep):
+            pass
+        await other.commit()
     while not writing.done():
         # Claims interleave with the commits of concurrent parts.
         await reader.process(keep)
@@ -105,49 +125,42 @@ async def test_records_are_handed_out_in_event_order_per_subscriber_under_split_
     assert not out_of_order, f"records handed out after a later event's: {out_of_order}"
 
 
-async def test_a_later_part_waiting_for_its_turn_yields_its_locks_to_a_third_writer(
+async def test_a_record_after_an_event_its_subscriber_still_owes_waits_for_that_event(
     store: OutboxStore,
 ) -> None:
-    """Another writer holds an event of the first part and waits for one of the second: the
-    second part, done and waiting for the first to commit, must roll back and run again once
-    the first committed (Postgres cannot see this wait as a deadlock), not hold on forever."""
-    stream_id, events = await _record_events(store, 1000)
-    first, later = events[10], events[-10]
-    writer = Writer(store, max_batch=4000, parallel=2, min_split=100)
-    results: list[Any] = []
-    for event_id in events:
-        writer.resolve(
-            ResolutionRow(stream_id, event_id, "s1", "acked", None, ['{"x": 1}']), results.append
-        )
+    """s1 resolves the third event before the second (as a later part of a split batch may
+    commit first): its record of the third is held back until the second is resolved; s2, which
+    owes nothing before it, is not held back."""
+    stream_id, events = await _record_events(store, 6)
+    reader = OutboxReader(store, batch_size=100)
+    handed: list[OutboxRecord] = []
 
-    async def locked_by_someone(event_id: int) -> bool:
-        async with store.engine.connect() as probe:
-            try:
-                await probe.execute(
-                    sa.text("SELECT 1 FROM outbox_event WHERE id = :id FOR UPDATE NOWAIT"),
-                    {"id": event_id},
-                )
-            except sa.exc.DBAPIError:
-                return True
-            return False
+    async def keep(conn: AsyncConnection, records: list[OutboxRecord]) -> None:
+        handed.extend(records)
 
-    async with store.engine.connect() as other:
-        await other.begin()
-        await other.execute(
-            sa.text("SELECT 1 FROM outbox_event WHERE id = :id FOR UPDATE"), {"id": first}
-        )
-        writer.start()
-        writing = asyncio.create_task(writer.barrier())
-        await eventually(lambda: locked_by_someone(later), within=30)
-        # Waits for the second part's row lock, which it has until it gives up its turn.
-        await other.execute(
-            sa.text("SELECT 1 FROM outbox_event WHERE id = :id FOR UPDATE"), {"id": later}
-        )
-        assert not writing.done()
-        await other.commit()
-    await asyncio.wait_for(writing, 30)
-    await writer.aclose()
-    assert results == [True] * len(events)
-    async with store.engine.connect() as conn:
-        stored = await conn.scalar(sa.text("SELECT count(*) FROM outbox_record"))
-    assert stored == len(events)
+    async def resolve(event_id: int, subscriber: str) -> None:
+        async with store.autocommit() as conn:
+            await store.resolve(
+                conn,
+                [(stream_id, event_id, subscriber, "acked", None, [json.dumps(event_id)], None)],
+            )
+
+    await resolve(events[0], "s1")
+    await resolve(events[2], "s1")
+    for event_id in events[:3]:
+        await resolve(event_id, "s2")
+    while await reader.process(keep):
+        pass
+    assert [(r.event_id, r.subscriber) for r in handed] == [
+        (events[0], "s1"),
+        (events[0], "s2"),
+        (events[1], "s2"),
+        (events[2], "s2"),
+    ]
+    await resolve(events[1], "s1")
+    while await reader.process(keep):
+        pass
+    assert [(r.event_id, r.subscriber) for r in handed[4:]] == [
+        (events[1], "s1"),
+        (events[2], "s1"),
+    ]
