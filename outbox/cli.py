@@ -670,6 +670,7 @@ async def _check_migrations(args: argparse.Namespace) -> int:
     url = _url(args)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + args.wait
+    waiting = False
     async with OutboxStore.from_url(url.value, pool_size=1, **_engine_options(args)) as store:
         while True:
             unavailable: DatabaseUnavailable | None = None
@@ -687,6 +688,15 @@ async def _check_migrations(args: argparse.Namespace) -> int:
                     f"knows ({HEAD_REVISION}); upgrade outbox"
                 )
             left = deadline - loop.time()
+            if left > 0 and not waiting:
+                waiting = True
+                now = "unreachable" if unavailable else f"at {revision or 'no revision'}"
+                log.info(
+                    "waiting up to %s for the outbox schema to reach %s (now %s)",
+                    show_duration(args.wait),
+                    HEAD_REVISION,
+                    now,
+                )
             if left <= 0:
                 waited = f" after waiting {show_duration(args.wait)}" if args.wait else ""
                 if unavailable is not None:
@@ -833,35 +843,33 @@ async def _committer(args: argparse.Namespace) -> int:
                 ) from None
             metrics.read_on_scrape(store, loop)
             served = f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
-        log.info(
-            "committer started",
-            extra={
-                "version": _version(),
-                "owner": committer.owner,
-                "database": redact_url(url.value),
-                "database_from": url.source,
-                "allowed_modules": list(committer.allowed_modules),
-                "metrics": served,
-                "batch_size": committer.batch_size,
-                "poll_interval": committer.poll_interval,
-                "lease_seconds": committer.lease_seconds,
-                "prune_retention": (
-                    "off" if prune_retention is None else show_duration(prune_retention)
-                ),
-            },
-        )
-        return await _run_until_signalled(committer, metrics)
+        started = {
+            "version": _version(),
+            "owner": committer.owner,
+            "database": redact_url(url.value),
+            "database_from": url.source,
+            "allowed_modules": list(committer.allowed_modules),
+            "metrics": served,
+            "batch_size": committer.batch_size,
+            "poll_interval": committer.poll_interval,
+            "lease_seconds": committer.lease_seconds,
+            "prune_retention": (
+                "off" if prune_retention is None else show_duration(prune_retention)
+            ),
+        }
+        return await _run_until_signalled(committer, metrics, started)
     finally:
         if metrics is not None:
             metrics.close()
         await store.aclose()
 
 
-async def _run_until_signalled(committer: LaneCommitter, metrics: CommitterMetrics | None) -> int:
-    """Run the committer; the first SIGTERM or SIGINT stops it after the pass in flight (its
-    leases released), a second one at once."""
+async def _run_until_signalled(
+    committer: LaneCommitter, metrics: CommitterMetrics | None, started: dict[str, Any]
+) -> int:
+    """Say it started and run the committer; the first SIGTERM or SIGINT stops it after the
+    pass in flight (its leases released), a second one at once."""
     loop = asyncio.get_running_loop()
-    running = loop.create_task(committer.run())
     signals_seen = 0
 
     def on_signal(signum: int) -> None:
@@ -881,6 +889,9 @@ async def _run_until_signalled(committer: LaneCommitter, metrics: CommitterMetri
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    # Handled from here on (a signal is acted on at the next await, when the task exists).
+    log.info("committer started", extra=started)
+    running = loop.create_task(committer.run())
     heartbeat = loop.create_task(_note_passes(committer, metrics)) if metrics else None
     try:
         await running

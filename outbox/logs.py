@@ -69,17 +69,20 @@ class TextFormatter(logging.Formatter):
         self.tracebacks = tracebacks
 
     def format(self, record: logging.LogRecord) -> str:
-        if self.tracebacks or not record.exc_info:
-            line = super().format(record)
-        else:
-            record.message = record.getMessage()
-            record.asctime = self.formatTime(record)
-            line = self.formatMessage(record)
-            exc = record.exc_info[1]
-            if exc is not None:
-                line = f"{line}: {one_line(exc)}"
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record)
+        line = self.formatMessage(record)
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and not self.tracebacks:
+            line = f"{line}: {one_line(error)}"
         extras = " ".join(f"{key}={value!r}" for key, value in _extras(record).items())
-        return f"{line} {extras}" if extras else line
+        if extras:
+            line = f"{line} {extras}"
+        if error is not None and self.tracebacks and record.exc_info:
+            line = f"{line}\n{self.formatException(record.exc_info)}"
+        if record.stack_info and self.tracebacks:
+            line = f"{line}\n{self.formatStack(record.stack_info)}"
+        return line
 
 
 class JsonFormatter(logging.Formatter):
@@ -216,7 +219,8 @@ def _to_logging_call(_: object, __: str, event: dict[str, Any]) -> dict[str, Any
 
 
 class _AfterAirflow(importlib.abc.MetaPathFinder):
-    """Puts our configuration back once the ``airflow`` package has been imported."""
+    """Puts our configuration back once the ``airflow`` package has been imported (and only
+    then: ``importlib.util.find_spec("airflow")`` alone imports nothing)."""
 
     def find_spec(
         self,
@@ -226,19 +230,23 @@ class _AfterAirflow(importlib.abc.MetaPathFinder):
     ) -> importlib.machinery.ModuleSpec | None:
         if fullname != "airflow":
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        spec: importlib.machinery.ModuleSpec | None = None
+        for finder in sys.meta_path[sys.meta_path.index(self) + 1 :]:
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
         if spec is None or spec.loader is None:
             return spec
-        loader = spec.loader
-        exec_module = loader.exec_module
+        exec_module = spec.loader.exec_module
 
         def exec_then_reassert(module: ModuleType) -> None:
             try:
                 exec_module(module)
             finally:
+                if self in sys.meta_path:
+                    sys.meta_path.remove(self)
                 _reassert()
                 _route_structlog()
 
-        loader.exec_module = exec_then_reassert  # type: ignore[method-assign]
+        spec.loader.exec_module = exec_then_reassert  # type: ignore[method-assign]
         return spec

@@ -15,11 +15,14 @@ import os
 import shlex
 import subprocess
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from sqlalchemy.engine import URL, make_url
 
 from outbox.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = (
     "DATABASE_URL_ENV",
@@ -131,11 +134,17 @@ def database_url(given: str | None = None) -> Found:
     sql_alchemy_conn`` when it is PostgreSQL, else one made of libpq's ``PG*`` variables."""
     if given:
         return Found(given, "--database-url")
-    for found in (secret(DATABASE_URL_ENV), _from_airflow(), _from_libpq()):
+    sources: tuple[Callable[[], Found | None], ...] = (_from_outbox, _from_airflow, _from_libpq)
+    for source in sources:
+        found = source()
         if found is not None:
             log.debug("database URL from %s", found.source)
             return found
     raise ConfigurationError(NO_URL)
+
+
+def _from_outbox() -> Found | None:
+    return secret(DATABASE_URL_ENV)
 
 
 def _from_airflow() -> Found | None:
