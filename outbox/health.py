@@ -3,7 +3,8 @@
 As ``airflow jobs check`` and procrastinate's ``healthchecks`` do: the database answers (within
 a timeout), its outbox schema is at this version's head, and, given a committer's metrics
 address, that committer completed a pass over its lanes recently (its
-``outbox_committer_last_pass_timestamp_seconds``). Each check is one line; any failure makes
+``outbox_committer_last_pass_timestamp_seconds``; one that started less than that long ago has
+time for its first). Each check is one line; any failure makes
 the command exit 1.
 """
 
@@ -27,6 +28,7 @@ from outbox.store import HEAD_REVISION, OutboxStore
 __all__ = ("LAST_PASS_METRIC", "Check", "check_committer", "check_database")
 
 LAST_PASS_METRIC = "outbox_committer_last_pass_timestamp_seconds"
+START_METRIC = "process_start_time_seconds"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,22 +117,27 @@ async def check_committer(address: str, *, max_pass_age: float, within: float) -
             f"no metrics at {url} ({shown}); is the committer running with --metrics-port?",
         )
     try:
-        samples = [
-            sample
+        values = {
+            sample.name: sample.value
             for family in text_string_to_metric_families(text)
             for sample in family.samples
-            if sample.name == LAST_PASS_METRIC
-        ]
+            if sample.name in (LAST_PASS_METRIC, START_METRIC)
+        }
     except ValueError as exc:
         return Check("committer", False, f"{url} does not serve Prometheus metrics ({exc})")
-    if not samples:
+    if LAST_PASS_METRIC not in values:
         return Check(
             "committer", False, f"{url} has no {LAST_PASS_METRIC}: not an outbox committer's"
         )
-    last = samples[0].value
-    if last <= 0:
-        return Check("committer", False, f"no pass completed yet ({url})")
-    age = max(0.0, time.time() - last)
+    now = time.time()
+    last = values[LAST_PASS_METRIC]
+    if last <= 0:  # none yet: a committer just started has the same time for its first
+        started = values.get(START_METRIC, 0.0)
+        age = now - started
+        if started > 0 and age <= max_pass_age:
+            return Check("committer", True, f"started {age:.1f}s ago, first pass to come ({url})")
+        return Check("committer", False, f"no pass completed yet ({url}); see its log")
+    age = max(0.0, now - last)
     if age > max_pass_age:
         return Check(
             "committer",
