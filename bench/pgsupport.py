@@ -22,7 +22,10 @@ __all__ = ("bench_database", "plain_url", "throwaway_cluster")
 
 # Every outbox table, for a benchmark that empties its database between phases (streams and
 # lanes are never deleted by outbox, so no table cascades to the others).
-OUTBOX_TABLES = "outbox_record, outbox_unacked, outbox_event, outbox_lane, outbox_stream"
+OUTBOX_TABLES = (
+    "outbox_record, outbox_unacked, outbox_event, outbox_lane, outbox_subscriber, outbox_stream,"
+    " outbox_session"
+)
 
 
 def plain_url(url: str) -> str:

@@ -20,7 +20,10 @@ event yielded after ``reject_shared_stream_event`` still fires, unbound.
 
 Settings (``[outbox]`` in airflow.cfg, or ``AIRFLOW__OUTBOX__*``): ``database_url`` (required),
 ``outage_limit``, ``session_ttl``, ``run_committer`` (default true: the triggerer advances the
-streams it reads), ``event_keys`` (``producer.Class=module:function``, comma-separated).
+streams it reads), ``event_keys`` (``producer.Class=module:function``, comma-separated),
+``max_unconfirmed`` (default 4: trigger events a subscriber may have that Airflow stored but
+has not confirmed yet; what a crash makes Airflow store twice is at most that many per
+subscriber).
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ if TYPE_CHECKING:
 __all__ = ("SharedStreamManager", "setting")
 
 SECTION = "outbox"
+# Trigger events a subscriber may have bound and Airflow not yet confirmed before it waits: a
+# crash repeats what Airflow stored and had not confirmed, so this bounds the duplicates (at the
+# cost of waiting for Airflow's confirmations, which come with its next state sync).
+DEFAULT_MAX_UNCONFIRMED = 4
 
 
 def setting(key: str, default: str | None = None) -> str | None:
@@ -131,6 +138,8 @@ class SharedStreamManager(DurableManager):
             if value is not None:
                 options.setdefault(key, value)
         options.setdefault("run_committer", _flag("run_committer", True))
+        cap = _number("max_unconfirmed")
+        self.max_unconfirmed = int(cap) if cap is not None else DEFAULT_MAX_UNCONFIRMED
         _register_configured_event_keys(setting("event_keys") or "")
         super().__init__(
             store,
@@ -149,6 +158,7 @@ class SharedStreamManager(DurableManager):
     ) -> AsyncIterator[Any]:
         """Join the stream; the raw events the runner feeds to the trigger's filter."""
         group, subscriber = self._join(trigger_id, trigger, key)
+        subscriber.unconfirmed_cap = self.max_unconfirmed
         if group.ack_mode:
             # The runner calls this from the trigger's own task, which then runs the filter.
             _current_binding.set(subscriber.binding)
@@ -180,6 +190,9 @@ class SharedStreamManager(DurableManager):
             if entry is None:
                 continue
             subscriber, event_id = entry
+            subscriber.unconfirmed -= 1
+            if subscriber.confirmed is not None:
+                subscriber.confirmed.set()
             gate = subscriber.gates.get(event_id) if subscriber.gates is not None else None
             if gate is None:
                 continue  # resolved meanwhile (timed out, failed, rejected)

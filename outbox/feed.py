@@ -157,7 +157,12 @@ async def _lead_when_possible(group: StreamGroup, producer: SharedStreamProducer
     group.role = "leader"
     if previous == "follower":
         log.info("took over this stream's producer", extra={"stream": repr(group.key)})
-    await _hand_out_owed(group, full=True)
+    group.looking += 1
+    try:
+        await group.host.writer.barrier()
+        await _hand_out_all_owed(group)
+    finally:
+        _stop_looking(group)
 
 
 async def _holder_died_here(group: StreamGroup) -> bool:
@@ -191,10 +196,22 @@ async def _holder_died_here(group: StreamGroup) -> bool:
 async def _follow(group: StreamGroup) -> None:
     """Hand out what the leader records for these subscribers, until it is time to try taking
     the producer over (its leader released it, or now and then: its session may have ended)."""
-    host = group.host
     group.consumer_released = False
+    group.looking += 1
+    try:
+        await _follow_turns(group)
+    finally:
+        _stop_looking(group)
+
+
+async def _follow_turns(group: StreamGroup) -> None:
+    host = group.host
     for turn in range(TAKEOVER_EVERY):
-        await _hand_out_owed(group, full=turn == 0)
+        if turn == 0:
+            await _hand_out_all_owed(group)  # a redelivery may have re-opened older ones
+        else:
+            more = await _hand_out_owed(group, after=group.followed_through)
+            group.followed_through = more if more is not None else group.last_seen
         group.wakeup.clear()
         group.resume.clear()
         waiter = asyncio.ensure_future(group.wakeup.wait())
@@ -216,43 +233,73 @@ async def catch_up(group: StreamGroup) -> None:
     while group.catch_up_upto is not None or group.catch_up_events:
         upto, group.catch_up_upto = group.catch_up_upto, None
         event_ids, group.catch_up_events = sorted(group.catch_up_events), set()
+        group.looking += 1
         try:
+            # Resolutions queued until now are committed when the barrier passes; those after
+            # are remembered as settling while this looks.
             await group.host.writer.barrier()
             if upto is not None:
-                await _hand_out_owed(group, full=True, upto=upto)
+                await _hand_out_all_owed(group, upto=upto)
             if event_ids:
-                await _hand_out_owed(group, full=True, event_ids=event_ids)
+                await _hand_out_owed(group, event_ids=event_ids, limit=len(event_ids))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the database is away: a later look finds them
             log.debug("catching up failed (%s)", exc)
+        finally:
+            _stop_looking(group)
+
+
+def _stop_looking(group: StreamGroup) -> None:
+    """One reader of Postgres less; the resolutions it had remembered are forgotten once they
+    are committed."""
+    group.looking -= 1
+    settling = frozenset(group.settling)
+    if settling:
+        group.host.writer.after_pending(lambda _: group.settling.difference_update(settling))
+
+
+async def _hand_out_all_owed(group: StreamGroup, *, upto: int | None = None) -> None:
+    """Hand out everything these subscribers are owed from Postgres (see ``_hand_out_owed``),
+    a queue's worth at a time, as the subscribers make room."""
+    after = 0
+    while not (group.terminated or group.stopping):
+        while group.room() <= 0 and not (group.terminated or group.stopping):
+            group.resume.clear()
+            await group.resume.wait()
+        more = await _hand_out_owed(group, after=after, upto=upto)
+        if more is None:
+            return
+        after = more
 
 
 async def _hand_out_owed(
     group: StreamGroup,
     *,
-    full: bool,
+    after: int = 0,
     upto: int | None = None,
     event_ids: list[int] | None = None,
-) -> None:
+    limit: int | None = None,
+) -> int | None:
     """Read from Postgres the pending deliveries owed to these subscribers through their
-    registrations (recorded since the last look, or all with ``full``; up to event id
-    ``upto``; or among ``event_ids``) and hand them out."""
+    registrations (of events above id ``after``: of those this triggerer recorded, up to
+    ``upto``; or among ``event_ids``) and hand them out, at most ``limit`` events per lane
+    (default: what the queues have room for). Returns the id to look after next when a lane
+    had more than that, else ``None``."""
     host = group.host
     registrations = {
         s.registration: s
         for s in group.subscribers.values()
         if s.registration is not None and not s.failed
     }
-    room = group.room()
-    if not registrations or room <= 0:
-        return
+    limit = group.room() if limit is None else limit
+    if not registrations or limit <= 0:
+        return None
     settling = frozenset(group.settling)
     if settling:
         # Resolved here but maybe not committed yet (still pending in Postgres): not handed out
         # again; forgotten once their commit is certain.
         host.writer.after_pending(lambda _: group.settling.difference_update(settling))
-    after = 0 if full else group.followed_through
     owed_through = list(registrations)
     rows = await host.writer.retry(
         lambda: uncancelled(
@@ -263,22 +310,31 @@ async def _hand_out_owed(
                 upto=upto,
                 event_ids=event_ids,
                 session_id=host.session_id,
-                limit=room,
+                limit=limit,
             )
         )
     )
     events: list[tuple[int, Any, list[str], dict[str, int]]] = []
-    for event_id, _, raw_text, name, registration in rows:
+    per_lane: dict[int, list[int]] = {}
+    for event_id, lane_id, raw_text, name, registration in rows:
+        ids = per_lane.setdefault(lane_id, [])
+        if not ids or ids[-1] != event_id:
+            ids.append(event_id)
         if (event_id, name) in settling or (event_id, name) in group.settling:
             continue
         if not events or events[-1][0] != event_id:
             events.append((event_id, group.decode_raw(raw_text), [], {}))
         events[-1][2].append(name)
         events[-1][3][name] = registration
-    if rows and len({r[0] for r in rows}) < room and upto is None and event_ids is None:
-        group.followed_through = max(group.followed_through, max(r[0] for r in rows))
+    if rows:
+        group.last_seen = max(group.last_seen, max(row[0] for row in rows))
     group.from_postgres.update(event_id for event_id, *_ in events)
     group.broadcast(events)
+    # A lane cut short has more after the last event read from it; ids grow with positions
+    # within a lane, so the next look goes on from the lowest such id (what comes again is
+    # already handed out, and is skipped).
+    cut = [ids[-1] for ids in per_lane.values() if len(ids) >= limit]
+    return min(cut) if cut else None
 
 
 async def _report_holds(group: StreamGroup, producer: SharedStreamProducer) -> None:

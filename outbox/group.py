@@ -139,8 +139,12 @@ class StreamGroup:
     # those resolved here whose commit has not been seen yet (Postgres still shows them
     # pending: a look now must not hand them out again).
     followed_through: int = 0
+    last_seen: int = 0
     from_postgres: set[int] = field(default_factory=set)
     settling: set[tuple[int, str]] = field(default_factory=set)
+    # While something here reads what is owed from Postgres (a follower, a catch-up), every
+    # resolution is remembered as settling: its commit may come after the read.
+    looking: int = 0
     consumer_released: bool = False
     # Registrations of subscribers that left, until they are removed: events recorded for them
     # meanwhile are failed at once rather than left for the sweep.
@@ -370,6 +374,7 @@ class StreamGroup:
         if gate is None:
             gate = subscriber.gates[event_id] = PersistGate()
         gate.unconfirmed.add(seq)
+        subscriber.unconfirmed += 1
         if subscriber.window_records:
             gate.records.extend(subscriber.window_records)
             subscriber.window_records.clear()
@@ -447,7 +452,7 @@ class StreamGroup:
         if owed is None or subscriber.name not in owed:
             return
         del owed[subscriber.name]
-        if event_id in self.from_postgres:
+        if self.looking or event_id in self.from_postgres:
             self.settling.add((event_id, subscriber.name))
         if not owed:
             self.settled(event_id)
@@ -560,6 +565,8 @@ class StreamGroup:
             return
         subscriber.failed = True
         subscriber.raw.fail(error)
+        if subscriber.confirmed is not None:
+            subscriber.confirmed.set()
         subscriber.window_events.clear()
         subscriber.window_records.clear()
         if subscriber.gates is not None:

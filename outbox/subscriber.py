@@ -133,6 +133,11 @@ class Subscriber:
     # Inside Airflow: the registration of a subscriber that left while Airflow had not yet
     # confirmed events it moved past; removed once they resolve.
     leaving: int | None = None
+    # Inside Airflow: trigger events bound and not yet confirmed, and how many may be before
+    # the subscriber waits for Airflow's confirmations to pull its next event.
+    unconfirmed: int = 0
+    unconfirmed_cap: int | None = None
+    confirmed: asyncio.Event | None = None
     failed: bool = False
     detached: bool = False
     ended: bool = False
@@ -157,6 +162,14 @@ async def raw_events(
     while True:
         if subscriber.window is not None:
             close_window(subscriber)
+        cap = subscriber.unconfirmed_cap
+        while cap is not None and subscriber.unconfirmed >= cap and not subscriber.failed:
+            # Inside Airflow: what Airflow stored but has not confirmed yet is what a crash
+            # hands out again; bounding it bounds the duplicates.
+            if subscriber.confirmed is None:
+                subscriber.confirmed = asyncio.Event()
+            subscriber.confirmed.clear()
+            await subscriber.confirmed.wait()
         raw, event_id = subscriber.raw.get_nowait() or await subscriber.raw.get()
         subscriber.window = event_id
         subscriber.window_rejected = False

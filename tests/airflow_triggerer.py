@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -252,6 +253,7 @@ class Triggerer:
         extra.update(env or {})
         self.env = airflow_env(site, self.home, self.dbname, extra)
         self.db_url = site.pg.url(self.dbname)
+        self.outbox_url = outbox_database_url
         self.proc: subprocess.Popen[bytes] | None = None
         self.logs: list[Path] = []
         self.produced: list[str] = []
@@ -445,6 +447,30 @@ class Triggerer:
             ).fetchall()
         return {name: int(n) for name, n in rows}
 
+    def finished_in_outbox(self) -> set[tuple[str, str]]:
+        """``(asset, message)`` pairs whose subscriber (the asset's watcher trigger) resolved
+        the message in outbox, its trigger event confirmed stored by Airflow (a record)."""
+        assert self.outbox_url is not None, "only with outbox's manager"
+        with psycopg.connect(self.db_url) as conn:
+            assets: dict[str, str] = dict(
+                conn.execute(
+                    "SELECT w.trigger_id::text, a.name FROM asset_watcher w"
+                    " JOIN asset a ON a.id = w.asset_id"
+                ).fetchall()
+            )
+        with psycopg.connect(self.outbox_url) as conn:
+            rows = conn.execute("SELECT subscriber, payload #>> '{}' FROM outbox_record").fetchall()
+        return {(assets[subscriber], payload) for subscriber, payload in rows}
+
+    def asset_event_counts(self) -> Counter[tuple[str, str]]:
+        """Asset events per ``(asset, message)``."""
+        with psycopg.connect(self.db_url) as conn:
+            rows = conn.execute(
+                "SELECT a.name, e.extra->>'payload' FROM asset_event e"
+                " JOIN asset a ON a.id = e.asset_id"
+            ).fetchall()
+        return Counter((name, payload) for name, payload in rows)
+
     def tally(self) -> dict[str, Tally]:
         """Per asset: asset events, distinct produced messages among them, produced."""
         produced = set(self.produced)
@@ -589,6 +615,7 @@ def run_backlog_scenario(
     kill_after: Sequence[int] = (),
     drain_within: float = 180.0,
     require_drain: bool = True,
+    on_kill: Callable[[], None] | None = None,
 ) -> ScenarioResult:
     """Produce a backlog of ``messages`` before the triggerer starts, start it, SIGKILL it
     (supervisor and runner) once the metadata database holds ``kill_after[i]`` asset events (all
@@ -602,7 +629,8 @@ def run_backlog_scenario(
     kills it after ``drain_within`` seconds without draining and reports ``drained=False``.
 
     ``seconds``: ``first_event`` (start to first asset event), ``restart_<i>`` (restart to the
-    first asset event stored after it), ``drain`` (start to drained), ``stop`` (SIGTERM)."""
+    first asset event stored after it), ``drain`` (start to drained), ``stop`` (SIGTERM).
+    ``on_kill`` runs right after each SIGKILL, before the restart."""
     queue = tr.env.get(setting("triggerer", "shared_stream_subscriber_queue_size"))
     result = ScenarioResult(
         manager=tr.manager,
@@ -623,6 +651,8 @@ def run_backlog_scenario(
     for i, threshold in enumerate(kill_after, 1):
         tr.wait_for_asset_events(threshold)
         tr.kill()
+        if on_kill is not None:
+            on_kill()
         stored = tr.total_asset_events()
         result.killed_at.append(stored)
         result.committed_at_kill.append(tr.committed())
