@@ -539,5 +539,5 @@ async def test_a_second_signal_stops_at_once(
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=30)
-    assert "committer stopping at once (SIGINT again)" in err
-    assert proc.returncode == 1
+    assert "committer stopping at once (" in err  # whichever of the two came second
+    assert "committer stopped at once" in err and proc.returncode == 1
