@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         lanes = status["lanes"]
         assert isinstance(lanes, list) and len(lanes) == LANES
         assert all(lane["unresolved"] == BACKLOG // 2 for lane in lanes), lanes
-        assert status["undispatched"] == {'["bench", "status"]': UNDISPATCHED}, status
+        expected = [{"stream": ["bench", "status"], "records": UNDISPATCHED}]
+        assert status["undispatched"] == expected, status
     verdict = "met" if full_ms < TARGET_MS else "MISSED"
     print(
         f"outbox status, median of {args.repeat}: {full_ms:.1f} ms with {args.retained:,} "

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from examples.fake_brokers import create_kafka_consumer
 from outbox import BaseEventTrigger, SharedStreamProducer, TriggerEvent
+
+from .fake_brokers import create_kafka_consumer
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

@@ -1,6 +1,7 @@
 """Run the design's two examples end to end on outbox, against the in-memory fake brokers.
 
-``OUTBOX_DATABASE_URL=postgresql://... python -m examples.run`` (the database must be migrated:
+``OUTBOX_DATABASE_URL=postgresql://... python -m examples.run`` from a checkout, ``python -m
+outbox.examples.run`` from an installed wheel (the database must be migrated:
 ``outbox migrate``). Prints what each subscriber stored and what the broker saw.
 """
 
@@ -15,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from examples.fake_brokers import KAFKA, SQS
-from examples.kafka_cumulative import KafkaSharedTrigger
-from examples.sqs_like import SqsSharedTrigger
 from outbox import OutboxStore, SharedStreamManager, TriggerEvent
+
+from .fake_brokers import KAFKA, SQS
+from .kafka_cumulative import KafkaSharedTrigger
+from .sqs_like import SqsSharedTrigger
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable

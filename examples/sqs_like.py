@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from examples.fake_brokers import create_sqs_client, delete_sqs_message, poll_sqs
 from outbox import AdvanceItem, BaseEventTrigger, SharedStreamProducer, TriggerEvent
+
+from .fake_brokers import create_sqs_client, delete_sqs_message, poll_sqs
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence

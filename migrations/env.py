@@ -5,14 +5,16 @@ share theirs."""
 from __future__ import annotations
 
 import asyncio
-import os
+from logging.config import fileConfig
 from typing import TYPE_CHECKING, Any
 
 from alembic import context
 from sqlalchemy import pool
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from outbox.errors import ConfigurationError
 from outbox.schema import metadata
+from outbox.settings import database_url
 from outbox.store import VERSION_TABLE, asyncpg_url
 
 if TYPE_CHECKING:
@@ -20,15 +22,25 @@ if TYPE_CHECKING:
 
 config = context.config
 
+# Run by alembic's own command line (`alembic upgrade head` from a checkout): log what it does
+# as alembic.ini says (each revision it runs). `outbox migrate` says it itself.
+if config.config_file_name is not None and "connection" not in config.attributes:
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
 
-def _url() -> str:
-    url = (
-        context.get_x_argument(as_dictionary=True).get("url")
-        or config.get_main_option("sqlalchemy.url")
-        or os.environ.get("OUTBOX_DATABASE_URL")
+
+def _url(required: bool = True) -> str | None:
+    """The URL from ``-x url=...``, else ``sqlalchemy.url``, else as ``outbox`` finds it
+    (OUTBOX_DATABASE_URL, its _FILE or _CMD, Airflow's configuration, libpq's PG*)."""
+    url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option(
+        "sqlalchemy.url"
     )
     if not url:
-        raise SystemExit("no database URL: set OUTBOX_DATABASE_URL or pass -x url=postgresql://...")
+        try:
+            url = database_url().value
+        except ConfigurationError as exc:
+            if not required:
+                return None
+            raise SystemExit(f"{exc} (or pass -x url=postgresql://...)") from None
     return asyncpg_url(url)
 
 
@@ -53,7 +65,13 @@ def _configure(connection: Connection | None = None, **kwargs: Any) -> None:
 
 
 def run_migrations_offline() -> None:
-    _configure(url=_url(), literal_binds=True, dialect_opts={"paramstyle": "named"})
+    # SQL for later (`outbox migrate --sql`, `alembic upgrade head --sql`): no database needed.
+    url = _url(required=False)
+    options: dict[str, Any] = {"literal_binds": True, "dialect_opts": {"paramstyle": "named"}}
+    if url:
+        _configure(url=url, **options)
+    else:
+        _configure(dialect_name="postgresql", **options)
     with context.begin_transaction():
         context.run_migrations()
 
@@ -65,7 +83,7 @@ def do_run_migrations(connection: Connection) -> None:
 
 
 async def run_async_migrations() -> None:
-    engine = create_async_engine(_url(), poolclass=pool.NullPool)
+    engine = create_async_engine(str(_url()), poolclass=pool.NullPool)
     try:
         async with engine.connect() as connection:
             await connection.run_sync(do_run_migrations)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from outbox.committer import LaneCommitter
 from outbox.errors import (
+    AccessDenied,
     ConfigurationError,
     DatabaseUnavailable,
     OutboxError,
@@ -29,6 +30,7 @@ from outbox.store import OutboxStore
 from outbox.triggers import BaseEventTrigger, TriggerEvent
 
 __all__ = (
+    "AccessDenied",
     "AckTimeout",
     "AdvanceItem",
     "AdvanceOutcome",

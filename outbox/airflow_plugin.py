@@ -1,10 +1,10 @@
 """Makes ``airflow triggerer`` construct outbox's shared-stream manager, with no change to
 Airflow, DAGs or triggers.
 
-Switch: ``pip install 'outbox[airflow]'`` and set ``[outbox] database_url`` in Airflow's
-configuration (airflow.cfg, or ``AIRFLOW__OUTBOX__DATABASE_URL``). ``[outbox] manager_class``
-(default ``outbox.airflow.SharedStreamManager``) names the class to construct instead of
-Airflow's own.
+Switch: ``pip install 'shared-stream-outbox[airflow]'`` and set ``[outbox] database_url`` in
+Airflow's configuration (airflow.cfg, or ``AIRFLOW__OUTBOX__DATABASE_URL``). ``[outbox]
+manager_class`` (default ``outbox.airflow.SharedStreamManager``) names the class to construct
+instead of Airflow's own.
 
 How: the wheel registers this module in Airflow's ``airflow.policy`` entry-point group.
 ``import airflow`` runs ``airflow.settings.initialize()``, which imports every such entry point

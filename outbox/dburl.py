@@ -110,8 +110,10 @@ def _ambiguous(text: str, parsed: URL) -> bool:
 
 
 def shown_url(url: URL) -> str:
-    """A parsed URL with its password (and any secret query parameter) as ``***``."""
-    return _hide_secret_query(url.render_as_string(hide_password=True))
+    """A parsed URL with its password (and any secret query parameter) as ``***``, in the form
+    users write (``postgresql://``, not the driver's ``postgresql+asyncpg://``)."""
+    as_written = url.set(drivername=url.get_backend_name())
+    return _hide_secret_query(as_written.render_as_string(hide_password=True))
 
 
 def redact_url(url: str) -> str:

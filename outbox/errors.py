@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = (
+    "AccessDenied",
     "ConfigurationError",
     "DatabaseUnavailable",
     "OutboxError",
@@ -22,6 +23,10 @@ class ConfigurationError(OutboxError):
 
 class DatabaseUnavailable(OutboxError):
     """The database could not be reached (wrong host or port, server down, bad credentials)."""
+
+
+class AccessDenied(OutboxError):
+    """The database role may not use outbox's tables; the tables' owner runs `outbox grant`."""
 
 
 class SchemaNotMigrated(OutboxError):

@@ -16,6 +16,7 @@ from typing import Final
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from outbox.errors import ConfigurationError
+from outbox.settings import secret
 
 __all__ = ("AIRFLOW_ENV", "ENV", "InvalidToken", "KwargsCipher", "warn_unencrypted_once")
 
@@ -49,15 +50,18 @@ class KwargsCipher:
 
     @classmethod
     def configured(cls, fernet_key: str | None = None) -> KwargsCipher | None:
-        """The cipher for ``fernet_key``, else for ``$OUTBOX_FERNET_KEY``, else for Airflow's
-        ``$AIRFLOW__CORE__FERNET_KEY``; ``None`` if none is set (or set empty)."""
-        for keys, source in (
-            (fernet_key, "fernet_key"),
-            (os.environ.get(ENV), ENV),
-            (os.environ.get(AIRFLOW_ENV), AIRFLOW_ENV),
-        ):
-            if keys is not None:
-                return cls(keys, source=source) if keys.strip() else None
+        """The cipher for ``fernet_key``, else for ``$OUTBOX_FERNET_KEY`` (or the file named by
+        ``$OUTBOX_FERNET_KEY_FILE``, or what ``$OUTBOX_FERNET_KEY_CMD`` prints), else for
+        Airflow's ``$AIRFLOW__CORE__FERNET_KEY`` (or its ``_CMD``); ``None`` if none is set (or
+        set empty)."""
+        if fernet_key is not None:
+            return cls(fernet_key, source="fernet_key") if fernet_key.strip() else None
+        for name in (ENV, AIRFLOW_ENV):
+            if os.environ.get(name) is not None and not os.environ[name].strip():
+                return None  # set empty: explicitly no key
+            found = secret(name)
+            if found is not None:
+                return cls(found.value, source=found.source) if found.value.strip() else None
         return None
 
     def encrypt(self, text: str) -> str:

@@ -25,6 +25,7 @@ from sqlalchemy.exc import ProgrammingError
 
 from outbox.dburl import describe_connection_error
 from outbox.errors import ConfigurationError, DatabaseUnavailable
+from outbox.settings import search_path_options
 from outbox.store import VERSION_TABLE, OutboxStore
 
 __all__ = (
@@ -167,7 +168,7 @@ async def grant(
     transaction). Raises a one-line ``ConfigurationError`` if the role does not exist (and is
     not to be created) or ``url`` does not connect as the owner."""
     statements = grants(role, jobs, schema=schema, create=create)
-    async with OutboxStore.from_url(url, pool_size=1) as store:
+    async with OutboxStore.from_url(url, pool_size=1, **search_path_options(schema)) as store:
         await store.check_schema()
         try:
             async with store.engine.begin() as conn:

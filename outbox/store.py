@@ -22,7 +22,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from outbox.core import LaneEvent, PriorOccurrence, plan_redelivery
 from outbox.dburl import asyncpg_url, describe_connection_error, redact_url, scrub
-from outbox.errors import ConfigurationError, DatabaseUnavailable, SchemaNotMigrated
+from outbox.errors import (
+    AccessDenied,
+    ConfigurationError,
+    DatabaseUnavailable,
+    SchemaNotMigrated,
+)
 from outbox.fernet import ENV as FERNET_ENV
 from outbox.fernet import InvalidToken, KwargsCipher, warn_unencrypted_once
 from outbox.schema import lane, stream, subscriber
@@ -50,6 +55,7 @@ RECORDS_CHANNEL = "outbox_records"
 RECORDED_CHANNEL = "outbox_recorded"
 CONSUMER_CHANNEL = "outbox_consumer"
 READER_LOCK_CLASS = 0x0B0C
+_INSUFFICIENT_PRIVILEGE = "42501"
 
 
 @dataclass(slots=True)
@@ -957,11 +963,13 @@ _UNDISPATCHED = sa.text(
     """
 )
 
+_PRUNABLE_RECORD = "dispatched_at < now() - make_interval(secs => :retention)"
+
 _PRUNE_RECORDS = sa.text(
-    """
+    f"""
     DELETE FROM outbox_record WHERE id IN (
         SELECT id FROM outbox_record
-        WHERE dispatched_at < now() - make_interval(secs => :retention)
+        WHERE {_PRUNABLE_RECORD}
         ORDER BY id LIMIT :batch FOR UPDATE SKIP LOCKED)
     """
 )
@@ -971,9 +979,7 @@ _PRUNE_RECORDS = sa.text(
 # record keeps its event id: the reader hands records out in event order. A lane whose broker
 # acknowledgement is held keeps its events from the held one's first occurrence on (all of them
 # if it has none): the broker delivers those again, and they deduplicate the redelivery.
-_PRUNE_EVENTS = sa.text(
-    """
-    WITH doomed AS (
+_PRUNABLE_EVENTS = """
         SELECT e.id FROM outbox_event AS e JOIN outbox_lane AS l ON l.id = e.lane_id
         WHERE e.position <= l.advanced_through
           AND e.created_at < now() - make_interval(secs => :retention)
@@ -982,6 +988,12 @@ _PRUNE_EVENTS = sa.text(
                    (SELECT min(h.position) FROM outbox_event AS h
                     WHERE h.stream_id = l.stream_id AND h.identity = l.held_identity
                       AND h.lane_id = l.id), 0))
+"""
+
+_PRUNE_EVENTS = sa.text(
+    f"""
+    WITH doomed AS (
+        {_PRUNABLE_EVENTS}
         ORDER BY e.id LIMIT :batch FOR UPDATE OF e SKIP LOCKED
     ),
     unacked AS (
@@ -992,6 +1004,14 @@ _PRUNE_EVENTS = sa.text(
         WHERE event_id IN (SELECT id FROM doomed) AND dispatched_at IS NOT NULL
     )
     DELETE FROM outbox_event WHERE id IN (SELECT id FROM doomed)
+    """
+)
+
+# What prune would delete now (``outbox prune --dry-run``): the same conditions, counted.
+_PRUNABLE_COUNTS = sa.text(
+    f"""
+    SELECT (SELECT count(*) FROM outbox_record WHERE {_PRUNABLE_RECORD}),
+           (SELECT count(*) FROM ({_PRUNABLE_EVENTS}) AS prunable)
     """
 )
 
@@ -1110,22 +1130,40 @@ class OutboxStore:
     # -- schema -------------------------------------------------------------------------
 
     async def check_schema(self) -> None:
-        """Raise ``SchemaNotMigrated`` unless the database is at outbox's head revision, or
-        ``DatabaseUnavailable`` if it cannot be reached."""
-        try:
-            async with self.engine.connect() as conn:
-                version = await conn.scalar(sa.text(f"SELECT version_num FROM {VERSION_TABLE}"))
-        except ProgrammingError:
-            raise SchemaNotMigrated(
-                "the database has no outbox tables; run `outbox migrate`"
-            ) from None
-        except Exception as exc:  # cannot connect: refused, authentication, a bad option ...
-            raise DatabaseUnavailable(describe_connection_error(self.engine, exc)) from None
-        if version != HEAD_REVISION:
+        """Raise ``SchemaNotMigrated`` unless the database is at outbox's head revision,
+        ``AccessDenied`` if this role may not read outbox's tables, or ``DatabaseUnavailable``
+        if it cannot be reached."""
+        version = await self.schema_revision()
+        if version is None:
+            raise SchemaNotMigrated("the database has no outbox tables; run `outbox migrate`")
+        if version < HEAD_REVISION:
             raise SchemaNotMigrated(
                 f"the outbox schema is at revision {version!r}, this version needs "
                 f"{HEAD_REVISION!r}; run `outbox migrate`"
             )
+        if version != HEAD_REVISION:
+            raise SchemaNotMigrated(
+                f"the outbox schema is at revision {version!r}, newer than this version of "
+                f"outbox knows (it needs {HEAD_REVISION!r}); upgrade outbox where this runs"
+            )
+
+    async def schema_revision(self) -> str | None:
+        """The database's outbox revision, ``None`` if it has no outbox tables; raises
+        ``AccessDenied`` or ``DatabaseUnavailable``."""
+        try:
+            async with self.engine.connect() as conn:
+                version = await conn.scalar(sa.text(f"SELECT version_num FROM {VERSION_TABLE}"))
+        except ProgrammingError as exc:
+            if getattr(exc.orig, "sqlstate", None) == _INSUFFICIENT_PRIVILEGE:
+                role = self.engine.url.username or "this role"
+                raise AccessDenied(
+                    f"role {role} may not read outbox's tables; as their owner, run `outbox "
+                    f"grant --job triggerer|committer|reader --role {role}` for its job"
+                ) from None
+            return None
+        except Exception as exc:  # cannot connect: refused, authentication, a bad option ...
+            raise DatabaseUnavailable(describe_connection_error(self.engine, exc)) from None
+        return None if version is None else str(version)
 
     # -- streams and lanes --------------------------------------------------------------
 
@@ -2052,3 +2090,10 @@ class OutboxStore:
         async with self.engine.begin() as conn:
             events = (await conn.execute(_PRUNE_EVENTS, params)).rowcount
         return records, events
+
+    async def prunable(self, retention: float) -> tuple[int, int]:
+        """How many dispatched records and advanced events ``prune(retention)`` would delete
+        now, in all its batches."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(_PRUNABLE_COUNTS, {"retention": retention})).one()
+        return int(row[0]), int(row[1])

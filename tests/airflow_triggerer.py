@@ -3,12 +3,12 @@
 One test session shares an :class:`AirflowSite`: this checkout built as a wheel and installed
 (``pip install --no-deps --target``) into a directory put first on the triggerer's
 ``PYTHONPATH``, so its ``airflow.policy`` entry point is registered exactly as
-``pip install 'outbox[airflow]'`` registers it (Airflow and the other dependencies come from the
-test venv); and a metadata database migrated once (``airflow db migrate``) as a template on the
-test Postgres. Each test gets a :class:`Triggerer`: a fresh ``AIRFLOW_HOME``, a metadata
-database cloned from the template, a DAG file (``tests/airflow_dags/kafka_watchers.py``) with N
-assets whose ``AssetWatcher``\\ s run the Kafka provider's ``KafkaSharedStreamTrigger`` on one
-topic (one shared stream, N subscribers), a Kafka connection with manual commits and a 6 s
+``pip install 'shared-stream-outbox[airflow]'`` registers it (Airflow and the other dependencies
+come from the test venv); and a metadata database migrated once (``airflow db migrate``) as a
+template on the test Postgres. Each test gets a :class:`Triggerer`: a fresh ``AIRFLOW_HOME``,
+a metadata database cloned from the template, a DAG file (``tests/airflow_dags/kafka_watchers.py``)
+with N assets whose ``AssetWatcher``\\ s run the Kafka provider's ``KafkaSharedStreamTrigger``
+on one topic (one shared stream, N subscribers), a Kafka connection with manual commits and a 6 s
 session timeout, and ``airflow triggerer --skip-serve-logs`` run in its own process group, so
 that a SIGKILL hits the supervisor and its forked runner at once.
 
@@ -118,7 +118,7 @@ def install_checkout(dest: Path) -> tuple[Path, float]:
     dist, site = dest / "dist", dest / "site"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     seconds = _run([*pip, "wheel", "--no-deps", "-w", str(dist), str(ROOT)], what="pip wheel")
-    (wheel,) = dist.glob("outbox-*.whl")
+    (wheel,) = dist.glob("*.whl")
     seconds += _run(
         [*pip, "install", "--no-deps", "--no-compile", "--target", str(site), str(wheel)],
         what="pip install --target",

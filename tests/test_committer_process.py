@@ -203,15 +203,15 @@ async def test_sigterm_finishes_the_advance_in_flight_and_releases_leases(
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "message", "code"),
     [
-        (["--database-url", "postgresql://u:pw@127.0.0.1:1/x"], "cannot connect to"),
-        (["--batch-size", "0"], "batch_size must be at least 1"),
-        (["--lease-seconds", "nope"], "invalid float value"),
+        (["--database-url", "postgresql://u:pw@127.0.0.1:1/x"], "cannot connect to", 1),
+        (["--batch-size", "0"], "--batch-size '0' is below 1", 2),
+        (["--lease-seconds", "nope"], "--lease-seconds 'nope' is not a number", 2),
     ],
 )
 def test_bad_configuration_exits_non_zero_with_one_line(
-    database_url: str, args: list[str], message: str
+    database_url: str, args: list[str], message: str, code: int
 ) -> None:
     argv = ["--database-url", database_url, *args] if args[0] != "--database-url" else args
     result = subprocess.run(
@@ -221,7 +221,7 @@ def test_bad_configuration_exits_non_zero_with_one_line(
         text=True,
         timeout=60,
     )
-    assert result.returncode != 0
+    assert result.returncode == code
     lines = [line for line in result.stderr.strip().splitlines() if line]
-    assert message in lines[-1]
+    assert len(lines) == 1 and message in lines[0], lines
     assert "pw@" not in result.stderr

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from aiokafka import TopicPartition
 
 from outbox import LaneCommitter, SharedStreamManager, TriggerEvent
+from outbox.display import readable
 from outbox.kafka import (
     DeadLetterFlood,
     KafkaSharedStreamProducer,
@@ -174,7 +175,11 @@ async def test_a_failed_delivery_comes_back_in_the_same_run_and_the_commit_reach
         assert await committed(kafka_bootstrap, group, topic, 1) == {0: 3}
         metrics = CommitterMetrics()
         await metrics.refresh(store)
-        labels = {"stream": lane.stream, "lane": lane.lane, "held": f"{topic}:0:3"}
+        labels = {
+            "stream": readable(lane.stream),
+            "lane": readable(lane.lane),
+            "held": f"{topic}:0:3",
+        }
         assert metrics.registry.get_sample_value("outbox_lane_held_seconds", labels) is not None
         assert metrics.registry.get_sample_value("outbox_held_lanes") == 1
         # It comes back to the subscriber that failed it (subscribed again), and only to it.

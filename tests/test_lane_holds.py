@@ -13,8 +13,9 @@ from rich.console import Console
 
 from outbox import LaneCommitter, SharedStreamProducer
 from outbox.core import canonical_json
+from outbox.display import readable
 from outbox.metrics import CommitterMetrics
-from outbox.status import _table, collect_status
+from outbox.status import collect_status, render_table
 from outbox.store import EventToRecord, ResolutionRow
 
 if TYPE_CHECKING:
@@ -103,13 +104,14 @@ async def test_the_hold_is_recorded_shown_and_cleared_with_the_cursor_moves(
 
     # Shown: status (table and JSON) and the metrics.
     status = await collect_status(store)
-    assert status["held"] == [f"{lane.stream} {lane.lane} at e2"]
+    held = [(h["stream"], h["lane"], h["at"]) for h in status["held"]]
+    assert held == [(["holds", "q"], None, "e2")]
     console = Console(width=300, record=True)
-    console.print(_table(await store.lane_status(), {}))
+    console.print(render_table(await store.lane_status(), {}))
     assert "broker held at e2 for" in console.export_text()
     metrics = CommitterMetrics()
     await metrics.refresh(store)
-    labels = {"stream": lane.stream, "lane": lane.lane, "held": "e2"}
+    labels = {"stream": readable(lane.stream), "lane": readable(lane.lane), "held": "e2"}
     assert metrics.registry.get_sample_value("outbox_lane_held_seconds", labels) is not None
     assert metrics.registry.get_sample_value("outbox_held_lanes") == 1
 
