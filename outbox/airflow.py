@@ -7,7 +7,7 @@ trigger's ``filter_shared_stream``; for each trigger event the filter yields it 
 ``bind_pending_event`` and later, once Airflow's supervisor stored the event in Airflow's
 database, ``confirm_persisted`` with the seqs it got; ``unsubscribe`` when a trigger ends;
 ``stop_all`` when the runner stops. ``outbox.airflow_plugin`` makes the runner build this class
-instead of Airflow's (``pip install 'outbox[airflow]'`` and ``[outbox] database_url``).
+instead of Airflow's (``pip install 'shared-stream-outbox[airflow]'``, ``[outbox] database_url``).
 
 What changes for Airflow: each event and each subscriber's resolution is in Postgres. A
 subscriber's ``acked`` resolution, with the trigger events it yielded (as records), commits when
