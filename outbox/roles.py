@@ -9,8 +9,9 @@ job's code issues (no DDL, no other table):
 * **committer**: ``outbox committer`` (lanes: cursors, leases, failures; the ack-timeout sweep,
   which resolves events as failed; prune; status and metrics); it cannot record events, store
   trigger events or change a stream, nor a lane's allocation.
-* **reader**: ``OutboxReader`` (claim and mark records); it reads only stream ids and keys, and
-  cannot touch streams, lanes or events.
+* **reader**: ``OutboxReader`` (claim and mark records); it reads stream ids and keys and,
+  to keep each subscriber's records in event order, which events are still owed; it cannot
+  change streams, lanes or events.
 
 ``TABLE_PRIVILEGES`` lists, per table, each job's privileges (a privilege may name columns:
 ``UPDATE (dispatched_at)``); a new table is one more line. Run ``outbox grant`` again after
@@ -66,8 +67,16 @@ TABLE_PRIVILEGES: Final[dict[str, Grants]] = {
     "outbox_stream": Grants(
         _READ_WRITE, ("SELECT", "UPDATE (consumer_session)"), ("SELECT (id, key)",)
     ),
-    "outbox_lane": Grants(_READ_WRITE, ("SELECT", _COMMITTER_LANE)),
-    "outbox_event": Grants(_READ_WRITE, ("SELECT", _SWEPT_EVENT, "DELETE")),
+    # The reader holds back a subscriber's records after an event it still owes: it reads
+    # where each lane's unadvanced events start and which of them are still owed.
+    "outbox_lane": Grants(
+        _READ_WRITE, ("SELECT", _COMMITTER_LANE), ("SELECT (id, stream_id, advanced_through)",)
+    ),
+    "outbox_event": Grants(
+        _READ_WRITE,
+        ("SELECT", _SWEPT_EVENT, "DELETE"),
+        ("SELECT (id, stream_id, lane_id, position, pending, resolved, snapshot)",),
+    ),
     "outbox_unacked": Grants(("SELECT", "INSERT", "DELETE"), ("SELECT", "INSERT", "DELETE")),
     "outbox_delivery": Grants(),  # a view of every resolution, for people (as the owner)
     "outbox_record": Grants(
