@@ -123,6 +123,10 @@ def _plain_shape(value: dict[Any, Any] | list[Any]) -> int:
             if type(key) is not str:
                 return _NEEDS_TAGS
             kind = type(item)
+            if kind is str:
+                if len(item) > MOST_BYTES:
+                    raise _TooLarge(len(item))
+                continue
             if kind in _PLAIN_LEAVES:
                 continue
             if kind is float:
@@ -137,6 +141,10 @@ def _plain_shape(value: dict[Any, Any] | list[Any]) -> int:
         return shape
     for item in value:
         kind = type(item)
+        if kind is str:
+            if len(item) > MOST_BYTES:
+                raise _TooLarge(len(item))
+            continue
         if kind in _PLAIN_LEAVES:
             continue
         if kind is float:
@@ -172,9 +180,40 @@ def _lone_surrogate(text: str) -> bool:
     return "\\ud" in text and _LONE_SURROGATE_ESCAPE.search(text) is not None
 
 
+# The most JSON one stored value may hold: Postgres's jsonb refuses a value of 256 MiB or more
+# (and a statement that carries one fails whole); a little under it, for jsonb's own headers.
+MOST_BYTES: Final = 255 * 1024 * 1024
+
+
 def encode(value: Any, *, what: str) -> str:
     """The JSON text that stores ``value`` losslessly (see the module's table), or a one-line
-    ``TypeError`` naming ``what``, the type that cannot be stored, and the fix."""
+    ``TypeError`` naming ``what``, the type that cannot be stored, and the fix (``ValueError``
+    when it is too large for Postgres)."""
+    try:
+        text = _encode(value, what=what)
+    except _TooLarge as large:  # a text longer than that, found before encoding it
+        raise _too_large(what, large.size, "at least ") from None
+    if len(text) > MOST_BYTES // 4:
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > MOST_BYTES:
+            raise _too_large(what, size, "")
+    return text
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+def _too_large(what: str, size: int, bound: str) -> ValueError:
+    return ValueError(
+        f"{what} is {bound}{size / 1024 / 1024:,.0f} MiB as JSON, more than Postgres stores in "
+        f"one value ({MOST_BYTES // 1024 // 1024} MiB); keep the data elsewhere and put a "
+        "reference to it in the payload"
+    )
+
+
+def _encode(value: Any, *, what: str) -> str:
     kind = type(value)
     try:
         if kind is dict or kind is list:
@@ -184,6 +223,8 @@ def encode(value: Any, *, what: str) -> str:
                 if text is not None:
                     return text
         elif kind is str:
+            if len(value) > MOST_BYTES:
+                raise _TooLarge(len(value))
             if "\x00" not in value and (value.isascii() or _valid_unicode(value)):
                 return _quote(value)
         elif kind is int:

@@ -37,6 +37,10 @@ ACKED: Final = "acked"
 REJECTED: Final = "rejected"
 FAILED: Final = "failed"
 SETTLED_STATES: Final = frozenset({ACKED, REJECTED})
+# Why the sweep fails a delivery of an event without identity whose reader died: the broker
+# delivers the message again, as a new event. A subscriber handed the old one meanwhile did
+# nothing wrong: its resolution of the old event is dropped, and it gets the new one.
+BROKER_REDELIVERS: Final = "the triggerer that read it is gone; the broker delivers it again"
 
 
 def _jsonable(value: Any) -> Any:

@@ -21,6 +21,7 @@ from outbox.group import await_task, uncancelled
 from outbox.interop import adapt_producer, advances_from_consumer
 from outbox.protocol import SharedStreamProducer
 from outbox.store import EventToRecord
+from outbox.writer import error_line
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -62,21 +63,28 @@ async def run_group(group: StreamGroup) -> None:
                 group.trigger_class.create_shared_stream_producer(group.kwargs)
             )
             group.producer = producer
+            # A reader of this stream that died on this host (the process restarted after a
+            # crash) is ended first: what it read without identity is not owed to these
+            # subscribers (the broker delivers it again).
+            await _holder_died_here(group)
             await _register_subscribers(group)
             group.timeout_task = asyncio.get_running_loop().create_task(
                 group.enforce_timeouts(), name=f"shared-stream-ack-timeout[{group.key!r}]"
             )
             await _lead_when_possible(group, producer)
-            if host.committer is not None:
-                host.committer.add_producer(
-                    group.stream_id, producer, modules=(group.trigger_class.__module__,)
-                )
             if type(producer).on_hold_reported is not SharedStreamProducer.on_hold_reported:
                 group.hold_reports = asyncio.get_running_loop().create_task(
                     _report_holds(group, producer), name=f"shared-stream-holds[{group.key!r}]"
                 )
             source = producer.open_stream()
             async for item in source:
+                if not group.advancing and host.committer is not None:
+                    # Advances go through the producer once its stream is open: the design's
+                    # Kafka producer commits through the consumer ``open_stream`` starts.
+                    host.committer.add_producer(
+                        group.stream_id, producer, modules=(group.trigger_class.__module__,)
+                    )
+                    group.advancing = True
                 await _stage(group, producer, item)
         else:
             source = group.trigger_class.open_shared_stream(group.kwargs)
@@ -425,12 +433,16 @@ async def _finish(group: StreamGroup, source: AsyncIterator[Any] | None) -> None
             await aclose()
         except Exception:
             log.debug("closing the shared stream source failed", exc_info=True)
-    await host.writer.barrier()
+    try:
+        await host.writer.barrier()
+        if group.role == "leader" and host.committer is not None and group.advancing:
+            await host.committer.drain(group.stream_id)
+    except Exception as exc:  # the database is away: the stream's next reader advances it
+        log.warning("could not advance the stream before closing it (%s)", error_line(exc))
     if group.producer is None:
         return
     if group.role == "leader":
         if host.committer is not None:
-            await host.committer.drain(group.stream_id)
             # A newer group of the same key may have registered its own producer.
             host.committer.remove_producer(group.stream_id, group.producer)
         session = host.session_id

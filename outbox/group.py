@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from outbox.codec import Codec, encode
 from outbox.core import (
     ACKED,
+    BROKER_REDELIVERS,
     FAILED,
     REJECTED,
     canonical_json,
@@ -112,6 +113,9 @@ class StreamGroup:
     lane_cache: dict[tuple[type, Any], int] = field(default_factory=dict)
     stream_id: int = 0
     producer: SharedStreamProducer | None = None
+    # Whether the in-process committer advances through ``producer``: from its stream's first
+    # item on (a producer may open its broker connection in ``open_stream``).
+    advancing: bool = False
     role: Literal["leader", "follower"] | None = None
     staged: list[EventToRecord] = field(default_factory=list)
     staged_raw: list[Any] = field(default_factory=list)
@@ -515,7 +519,7 @@ class StreamGroup:
         """Another resolution of a delivery won over the subscriber's: it joined on another
         triggerer meanwhile (it has moved: it leaves this one, quietly), or its delivery was
         failed by the ack timeout by the database clock or with this triggerer's session (it
-        gets ``AckTimeout``)."""
+        gets ``AckTimeout``), or failed because the broker delivers it again (it goes on)."""
         registration = subscriber.registration
         store = self.host.store
         try:
@@ -531,6 +535,17 @@ class StreamGroup:
             if self.subscribers.get(subscriber.name) is subscriber:
                 subscriber.registration = None  # no longer this triggerer's to remove
                 self.detach(subscriber, classify=False)
+            return
+        if reason == BROKER_REDELIVERS:
+            # Handed over before its reader was known dead; the broker delivers the message
+            # again, as a new event, which this subscriber gets: nothing is lost.
+            log.info(
+                "event %s was failed for trigger %s: the triggerer that read it is gone and the "
+                "broker delivers it again",
+                event_id,
+                subscriber.trigger_id,
+                extra={"stream": repr(self.key)},
+            )
             return
         self.force_fail(
             subscriber,
@@ -587,6 +602,10 @@ class StreamGroup:
             return
         self.terminated = True
         self.host.group_ended(self)
+        if self.poll_task is not None and self.poll_task is not asyncio.current_task():
+            # Its producer is closed (a consumer left in its group would keep its partitions
+            # from the stream that replaces this one).
+            self.poll_task.cancel()
         for subscriber in self.subscribers.values():
             subscriber.raw.fail(error)
             if self.stream_id:

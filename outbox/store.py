@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from outbox.core import LaneEvent, PriorOccurrence, plan_redelivery
+from outbox.core import BROKER_REDELIVERS, LaneEvent, PriorOccurrence, plan_redelivery
 from outbox.dburl import asyncpg_url, describe_connection_error, redact_url, scrub
 from outbox.errors import (
     AccessDenied,
@@ -629,7 +629,7 @@ _WHY_UNDELIVERABLE = f"""
         WHEN e.identity IS NULL AND e.recorded_by IS NOT NULL
              AND NOT EXISTS (SELECT 1 FROM outbox_session AS s
                              WHERE s.id = e.recorded_by AND {_SESSION_LIVE})
-            THEN 'the triggerer that read it is gone; the broker delivers it again'
+            THEN '{BROKER_REDELIVERS}'
         WHEN least(e.created_at,
                    CASE WHEN rs.id IS NOT NULL AND NOT ({_SESSION_LIVE.replace("s.", "rs.")})
                         THEN {_DIED_AT.replace("s.", "rs.")} END)
@@ -829,6 +829,10 @@ _OWED_DELIVERIES = sa.text(
           AND (CAST(:upto AS bigint) IS NULL OR e.id <= :upto
                OR e.recorded_by IS DISTINCT FROM CAST(:session AS bigint))
           AND (CAST(:event_ids AS bigint[]) IS NULL OR e.id = ANY(CAST(:event_ids AS bigint[])))
+          -- Not an event without identity whose reader is gone: the broker delivers it again.
+          AND (e.identity IS NOT NULL OR e.recorded_by IS NULL
+               OR EXISTS (SELECT 1 FROM outbox_session AS s
+                          WHERE s.id = e.recorded_by AND {_SESSION_LIVE}))
         ORDER BY e.position
         LIMIT :limit
     ) AS e
