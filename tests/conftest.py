@@ -198,9 +198,10 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.wait(10)
 
 
-# --- Airflow's real triggerer (tests/airflow_triggerer.py) ----------------------------------
-# Figures the Airflow triggerer tests measured, printed at the end of the run (CI shows them).
-AIRFLOW_FIGURES: list[str] = []
+# --- Figures --------------------------------------------------------------------------------
+# What passing tests printed (their measured figures: rates, durations, duplicates), shown at
+# the end of the run, also from xdist's workers (their reports carry the captured output).
+FIGURES: list[tuple[str, list[str]]] = []
 _CALL_FAILED = pytest.StashKey[bool]()
 
 
@@ -212,13 +213,28 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" and report.passed and report.capstdout:
+        # Log lines (Airflow's structlog writes to stdout) are not figures.
+        lines = [
+            line
+            for line in report.capstdout.splitlines()
+            if line.strip() and not line[:4].isdigit() and "[info" not in line
+        ]
+        if lines:
+            FIGURES.append((report.nodeid, lines))
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if AIRFLOW_FIGURES:
-        terminalreporter.section("airflow triggerer figures")
-        for line in AIRFLOW_FIGURES:
-            terminalreporter.write_line(line)
+    if FIGURES:
+        terminalreporter.section("figures the tests measured")
+        for nodeid, lines in sorted(FIGURES):
+            terminalreporter.write_line(nodeid)
+            for line in lines:
+                terminalreporter.write_line(f"    {line}")
 
 
+# --- Airflow's real triggerer (tests/airflow_triggerer.py) ----------------------------------
 @pytest.fixture(scope="session")
 def airflow_site(
     postgresql_server: Any, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
@@ -234,10 +250,6 @@ def airflow_site(
         postgresql_server.password or None,
     )
     site = start_site(pg, kafka_bootstrap, tmp_path_factory.mktemp("airflow"))
-    AIRFLOW_FIGURES.append(
-        f"session set-up: wheel build + install {site.seconds['wheel']:.1f}s,"
-        f" airflow db migrate {site.seconds['migrate']:.1f}s"
-    )
     try:
         yield site
     finally:

@@ -22,7 +22,6 @@ from tests.airflow_triggerer import (
     run_backlog_scenario,
     setting,
 )
-from tests.conftest import AIRFLOW_FIGURES
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -144,7 +143,7 @@ def test_forked_runner_constructs_the_configured_manager(
     tasks: dict[str, set[str]] = {}
     for c in calls:
         tasks.setdefault(c["call"], set()).add(c["task"] or "no task (no event loop yet)")
-    AIRFLOW_FIGURES.append(
+    print(
         f"recording manager: constructed in the runner (pid {init['pid']}, parent = supervisor"
         f" {supervisor}); tasks per call {tasks};"
         f" bind -> confirm_persisted {lag[0]:.2f}s min, {lag[len(lag) // 2]:.2f}s median,"
@@ -210,8 +209,8 @@ def test_outbox_drains_a_backlog_bigger_than_its_queue_through_crashes_and_dupli
             run_backlog_scenario, tr, messages=MESSAGES, kill_after=KILLS, on_kill=note_finished
         )
         baseline, result = airflow_run.result(), outbox_run.result()
-    AIRFLOW_FIGURES.append(baseline.summary())
-    AIRFLOW_FIGURES.append(result.summary())
+    print(baseline.summary())
+    print(result.summary())
     for scenario in (baseline, result):
         assert scenario.drained, scenario.summary()
         assert all(t.missing == 0 for t in scenario.tallies.values()), scenario.summary()
@@ -224,7 +223,7 @@ def test_outbox_drains_a_backlog_bigger_than_its_queue_through_crashes_and_dupli
     assert not again, f"stored again after a crash though finished before it: {again[:5]}"
     ours = sum(t.duplicates for t in result.tallies.values())
     airflows = sum(t.duplicates for t in baseline.tallies.values())
-    AIRFLOW_FIGURES.append(
+    print(
         f"duplicates through {len(KILLS)} SIGKILLs, {MESSAGES} messages x 2 assets: Airflow alone"
         f" {airflows}, Airflow on outbox {ours} (pairs finished before each crash:"
         f" {[len(f) for f in finished]}, none stored again after it)"
@@ -252,7 +251,7 @@ def test_airflow_alone_loops_on_a_backlog_bigger_than_its_queue(
     tr.kill()
     tallies = tr.tally()
     committed = tr.committed()
-    AIRFLOW_FIGURES.append(
+    print(
         f"[airflow] 300 messages waiting, queue 32: a trigger overflowed twice {seconds:.1f}s"
         f" after start (overflows per trigger {tr.overflows_per_trigger()}); by then "
         + ", ".join(
