@@ -41,6 +41,11 @@ SETTLED_STATES: Final = frozenset({ACKED, REJECTED})
 # delivers the message again, as a new event. A subscriber handed the old one meanwhile did
 # nothing wrong: its resolution of the old event is dropped, and it gets the new one.
 BROKER_REDELIVERS: Final = "the triggerer that read it is gone; the broker delivers it again"
+# Why the sweep fails a delivery owed through a registration that is gone. When the subscriber's
+# current registration is the one it was handed through, the failure was meant for an earlier
+# one (an event recorded on another triggerer while it joined again): it goes on, and the
+# producer's failure handling decides whether the message comes back (Kafka: held, read again).
+REGISTRATION_GONE: Final = "its subscriber left, or joined again"
 
 
 def _jsonable(value: Any) -> Any:

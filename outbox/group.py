@@ -23,6 +23,7 @@ from outbox.core import (
     ACKED,
     BROKER_REDELIVERS,
     FAILED,
+    REGISTRATION_GONE,
     REJECTED,
     canonical_json,
     is_expired,
@@ -536,14 +537,15 @@ class StreamGroup:
                 subscriber.registration = None  # no longer this triggerer's to remove
                 self.detach(subscriber, classify=False)
             return
-        if reason == BROKER_REDELIVERS:
-            # Handed over before its reader was known dead; the broker delivers the message
-            # again, as a new event, which this subscriber gets: nothing is lost.
+        if reason == BROKER_REDELIVERS or (
+            reason == REGISTRATION_GONE and current is not None and current == registration
+        ):
+            # Not this subscriber's failure (``BROKER_REDELIVERS``, ``REGISTRATION_GONE``).
             log.info(
-                "event %s was failed for trigger %s: the triggerer that read it is gone and the "
-                "broker delivers it again",
+                "event %s was failed for trigger %s (%s); it goes on",
                 event_id,
                 subscriber.trigger_id,
+                reason,
                 extra={"stream": repr(self.key)},
             )
             return

@@ -20,7 +20,13 @@ import sqlalchemy as sa
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from outbox.core import BROKER_REDELIVERS, LaneEvent, PriorOccurrence, plan_redelivery
+from outbox.core import (
+    BROKER_REDELIVERS,
+    REGISTRATION_GONE,
+    LaneEvent,
+    PriorOccurrence,
+    plan_redelivery,
+)
 from outbox.dburl import asyncpg_url, describe_connection_error, redact_url, scrub
 from outbox.errors import (
     AccessDenied,
@@ -625,7 +631,7 @@ _RELEASE_LEASES = sa.text(
 _WHY_UNDELIVERABLE = f"""
     CASE
         WHEN jsonb_typeof(m.owner) = 'number' AND r.id IS NULL
-            THEN 'its subscriber left, or joined again'
+            THEN '{REGISTRATION_GONE}'
         WHEN e.identity IS NULL AND e.recorded_by IS NOT NULL
              AND NOT EXISTS (SELECT 1 FROM outbox_session AS s
                              WHERE s.id = e.recorded_by AND {_SESSION_LIVE})

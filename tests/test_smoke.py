@@ -48,7 +48,7 @@ async def test_a_trigger_event_is_handed_over_only_once_it_is_committed(
             async def recorded() -> bool:
                 async with observer.engine.connect() as conn:
                     count = await conn.scalar(sa.text("SELECT count(*) FROM outbox_event"))
-                return count == 20
+                return bool(count == 20)
 
             await eventually(recorded, within=10)
             assert not first.done()
