@@ -463,13 +463,16 @@ class LaneCommitter:
         prefix = contiguous_resolved_prefix(lane.events, lease.advanced_through)
         if not prefix:
             return None
+        sent = [e for e in prefix if not e.superseded]
+        if not sent:  # only superseded events: the cursor passes over them, nothing is sent
+            return AdvancedBatch(lease, lane.rewrites, prefix, None)
         started = time.perf_counter()
         try:
             deserialize = producer.deserialize_payload
             decode = self._codec.decode_parsed  # the store hands over JSON with its tags
             batch = [
                 AdvanceItem(deserialize(decode(e.payload)), _outcome(e.acked, e.failed, e.rejected))
-                for e in prefix
+                for e in sent
             ]
             await producer.advance(batch)
             held = producer.describe_hold(producer.get_advance_lane(batch[0].broker_payload))

@@ -198,6 +198,9 @@ class LaneEvent(NamedTuple):
     failed: int
     rejected: int
     payload: Any
+    # Read without identity by a triggerer that is gone: passed over, not advanced (the broker
+    # delivers the message again, as a later event).
+    superseded: bool = False
 
 
 def contiguous_resolved_prefix(

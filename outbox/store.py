@@ -534,14 +534,22 @@ _READY_PREFIXES = sa.text(
         LIMIT :max_lanes
     )
     SELECT id, after, rewrites, array_agg(event_id), array_agg(position), array_agg(pending),
-           array_agg(acked), array_agg(failed), array_agg(rejected),
+           array_agg(acked), array_agg(failed), array_agg(rejected), array_agg(superseded),
            '[' || string_agg(coalesce(payload::text, 'null'), ',') || ']'
     FROM (
         SELECT r.id, r.after, r.rewrites, p.id AS event_id, p.position, p.pending, p.acked,
-               p.failed, p.rejected, p.payload
+               p.failed, p.rejected, p.payload,
+               -- Read without identity by a triggerer that is gone: the broker delivers the
+               -- message again from what was committed (a new event, later in the lane); this
+               -- one is passed over, not advanced (advancing it would commit past the new one).
+               (p.identity IS NULL AND p.recorded_by IS NOT NULL
+                AND NOT EXISTS (SELECT 1 FROM outbox_session AS s
+                                WHERE s.id = p.recorded_by AND s.ended_at IS NULL
+                                  AND s.expires_at > now())) AS superseded
         FROM ready AS r
         CROSS JOIN LATERAL (
-            SELECT e.id, e.position, e.pending, e.acked, e.failed, e.rejected, e.payload
+            SELECT e.id, e.position, e.pending, e.acked, e.failed, e.rejected, e.payload,
+                   e.identity, e.recorded_by
             FROM outbox_event AS e
             WHERE e.lane_id = r.id AND e.position > r.after
               AND e.position < coalesce(
@@ -1702,10 +1710,10 @@ class OutboxStore:
                 ReadyLane(
                     lane_id,
                     after,
-                    list(map(LaneEvent, *columns, _from_jsonb(payloads))),
+                    list(map(LaneEvent, *columns, _from_jsonb(payloads), superseded)),
                     rewrites,
                 )
-                for lane_id, after, rewrites, *columns, payloads in rows
+                for lane_id, after, rewrites, *columns, superseded, payloads in rows
             ]
 
     async def take_lease(self, lane_id: int, owner: str, lease_seconds: float) -> LaneLease | None:

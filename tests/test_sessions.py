@@ -254,3 +254,49 @@ async def test_owed_deliveries_of_a_follower(store: OutboxStore) -> None:
     assert json.loads(owed[0][2] or "null") == {"n": 0}
     later = await store.owed_deliveries(stream_id, [ids["b"]], after=events[1].event_id)
     assert [(e, name) for e, _, _, name, _ in later] == [(events[2].event_id, "b")]
+
+
+async def test_events_without_identity_of_a_reader_that_is_gone_are_passed_over_not_advanced(
+    store: OutboxStore,
+) -> None:
+    """What a dead reader recorded without identity is not advanced on the broker, even once
+    resolved: the broker delivers those messages again from what was committed, and their new
+    events (later in the lane) are advanced instead. Advancing the old ones would commit past
+    the new ones while they are still owed (and, with a crash then, lose them)."""
+    from outbox import LaneCommitter
+    from tests.streams import RecordingProducer
+
+    stream_id, lane_id = await _stream(store)
+    old = await store.create_session("triggerer-old", ttl=60)
+    await store.register(stream_id, ["a", "b"], old)
+    first = await _record(store, stream_id, lane_id, 3, session=old)
+    # "a" finished all three, "b" only the first: then the reader died.
+    async with store.engine.begin() as conn:
+        await store.resolve(
+            conn,
+            [ResolutionRow(stream_id, e.event_id, "a", "acked", None) for e in first]
+            + [ResolutionRow(stream_id, first[0].event_id, "b", "acked", None)],
+        )
+    await store.end_session(old)
+    new = await store.create_session("triggerer-new", ttl=60)
+    await store.register(stream_id, ["a", "b"], new)
+    again = await _record(store, stream_id, lane_id, 3, session=new)  # read again from the broker
+    async with store.engine.begin() as conn:
+        await store.resolve(
+            conn,
+            [ResolutionRow(stream_id, e.event_id, s, "acked", None) for e in again for s in "ab"],
+        )
+    producer = RecordingProducer([])
+    committer = LaneCommitter(
+        store, producers={("queue", "sessions"): producer}, poll_interval=0.01
+    )
+    await committer.run_once()  # the sweep fails "b"'s two old deliveries: the broker redelivers
+    while await committer.run_once():
+        pass
+    assert producer.batches[-1] == [0, 1, 2]  # the new events only
+    assert sum(len(batch) for batch in producer.batches) == 3
+    async with store.engine.connect() as conn:
+        cursor = await conn.scalar(
+            sa.text("SELECT advanced_through FROM outbox_lane WHERE id = :id"), {"id": lane_id}
+        )
+    assert cursor == 6
