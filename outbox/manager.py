@@ -359,6 +359,8 @@ class SharedStreamManager:
                 if group.stream_id in ids:
                     if channel == "outbox_consumer":
                         group.consumer_released = True
+                    elif channel == "outbox_moved":
+                        group.catch_up()  # a delivery moved to a registration of ours
                     group.wakeup.set()
 
         while True:

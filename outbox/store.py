@@ -59,6 +59,8 @@ HEAD_REVISION = "0010"
 NOTIFY_CHANNEL = "outbox_resolved"
 RECORDS_CHANNEL = "outbox_records"
 RECORDED_CHANNEL = "outbox_recorded"
+# A delivery moved to a subscriber's newer registration (payload: stream ids).
+MOVED_CHANNEL = "outbox_moved"
 CONSUMER_CHANNEL = "outbox_consumer"
 READER_LOCK_CLASS = 0x0B0C
 _INSUFFICIENT_PRIVILEGE = "42501"
@@ -659,6 +661,44 @@ _OWNER_JOINS = f"""
     LEFT JOIN outbox_subscriber AS r ON r.id = {_OWNER_ID}
     LEFT JOIN outbox_session AS rs ON rs.id = r.session_id
 """
+
+# A delivery owed through a registration that is gone, of a subscriber that has joined again
+# since (a newer registration, its session live), moves to the newer one rather than failing:
+# an event recorded on another triggerer while the subscriber joined again took the old
+# registration into its snapshot after the join had moved what the old one was owed. Its
+# triggerer is told (``outbox_moved``) and hands it out.
+_MOVE_TO_REJOINED = sa.text(
+    f"""
+    WITH owed AS (
+        SELECT e.id, e.stream_id, jsonb_object_agg(m.name, cur.id) AS owners
+        FROM outbox_lane AS l
+        JOIN outbox_event AS e
+          ON e.lane_id = l.id AND e.position > l.advanced_through AND e.pending > 0
+        CROSS JOIN LATERAL jsonb_each(e.snapshot) AS m(name, owner)
+        JOIN outbox_subscriber AS cur
+          ON cur.stream_id = e.stream_id AND cur.name = m.name AND NOT cur.excluded
+        JOIN outbox_session AS s ON s.id = cur.session_id AND {_SESSION_LIVE}
+        WHERE jsonb_typeof(m.owner) = 'number' AND m.name <> ALL(e.resolved)
+          AND cur.id > {_OWNER_ID}
+          AND NOT EXISTS (SELECT 1 FROM outbox_subscriber AS r WHERE r.id = {_OWNER_ID})
+          AND (e.identity IS NOT NULL OR e.recorded_by IS NULL
+               OR EXISTS (SELECT 1 FROM outbox_session AS rs
+                          WHERE rs.id = e.recorded_by AND rs.ended_at IS NULL
+                            AND rs.expires_at > now()))
+          AND (CAST(:stream_ids AS bigint[]) IS NULL
+               OR l.stream_id = ANY(CAST(:stream_ids AS bigint[])))
+          AND (l.lease_owner IS NULL OR l.lease_owner = :owner OR l.lease_expires_at < now())
+        GROUP BY e.id, e.stream_id
+    ),
+    moved AS (
+        UPDATE outbox_event AS e SET snapshot = e.snapshot || o.owners
+        FROM owed AS o WHERE e.id = o.id
+        RETURNING e.stream_id
+    )
+    SELECT pg_notify('{MOVED_CHANNEL}', string_agg(DISTINCT stream_id::text, ','))
+    FROM moved HAVING count(*) > 0
+    """
+)
 
 # Each lane's pending events are read after its cursor, by its (lane_id, position) index, never
 # the history behind it; lanes another committer holds are left to it (one sweeper per lane).
@@ -1803,10 +1843,13 @@ class OutboxStore:
     ) -> AbstractAsyncContextManager[asyncio.Event]:
         """Call ``callback(channel, ids)`` when a triggerer records events owed to another's
         subscribers (``outbox_recorded``, stream ids), releases a stream's producer
-        (``outbox_consumer``, stream ids), or resolves the next event of a lane
+        (``outbox_consumer``, stream ids), moves a delivery to a subscriber's newer registration
+        (``outbox_moved``, stream ids), or resolves the next event of a lane
         (``outbox_resolved``, lane ids: another triggerer's subscribers may finish what this one
         advances); the context's value as with ``listen_resolved``."""
-        return self._listen((RECORDED_CHANNEL, CONSUMER_CHANNEL, NOTIFY_CHANNEL), callback)
+        return self._listen(
+            (RECORDED_CHANNEL, CONSUMER_CHANNEL, NOTIFY_CHANNEL, MOVED_CHANNEL), callback
+        )
 
     def listen_resolved(
         self, callback: Callable[[], None]
@@ -1843,6 +1886,13 @@ class OutboxStore:
         are left to it; ``stream_ids`` limits the sweep to those streams."""
         async with self.engine.begin() as conn:
             await conn.execute(_END_EXPIRED_SESSIONS)
+            await conn.execute(
+                _MOVE_TO_REJOINED,
+                {
+                    "owner": owner,
+                    "stream_ids": list(stream_ids) if stream_ids is not None else None,
+                },
+            )
             rows = (
                 await conn.execute(
                     _SWEEP_PENDING,

@@ -300,3 +300,32 @@ async def test_events_without_identity_of_a_reader_that_is_gone_are_passed_over_
             sa.text("SELECT advanced_through FROM outbox_lane WHERE id = :id"), {"id": lane_id}
         )
     assert cursor == 6
+
+
+async def test_a_delivery_owed_to_an_earlier_registration_moves_to_the_newer_one(
+    store: OutboxStore,
+) -> None:
+    """An event recorded on another triggerer while a subscriber joined again can take the
+    earlier registration into its snapshot after the join moved what that one was owed: the
+    sweep moves it to the newer registration (whose triggerer hands it out) instead of failing
+    it; a subscriber that left and did not join again still has its delivery failed."""
+    stream_id, lane_id = await _stream(store)
+    reader = await store.create_session("reader", ttl=60)
+    await store.register(stream_id, ["a"], reader)
+    follower = await store.create_session("follower", ttl=60)
+    before, _ = await store.register(stream_id, ["b", "c"], follower)
+    restarted = await store.create_session("follower-restarted", ttl=60)
+    after, _ = await store.register(stream_id, ["b"], restarted)
+    await store.unregister([before["c"]])  # c left for good
+    raced = await _record(store, stream_id, lane_id, 1, session=reader, identity="k")
+    async with store.engine.begin() as conn:  # the snapshot the race left it with
+        await conn.execute(
+            sa.text("UPDATE outbox_event SET snapshot = CAST(:s AS jsonb) WHERE id = :id"),
+            {
+                "s": json.dumps({"a": 1, "b": before["b"], "c": before["c"]}),
+                "id": raced[0].event_id,
+            },
+        )
+    assert await store.fail_expired() == 1  # c's
+    states = {(name, owner): state for _, name, owner, state in await _deliveries(store)}
+    assert states == {("a", 1): None, ("b", after["b"]): None, ("c", before["c"]): "failed"}
