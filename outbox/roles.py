@@ -60,7 +60,9 @@ _COMMITTER_LANE = (
     "last_error, stalled_since, retry_at, held_identity, held_since)"
 )
 # What the ack-timeout sweep writes when it fails a delivery.
-_SWEPT_EVENT = "UPDATE (resolved, pending, acked, failed, rejected, resolved_at)"
+# (and, moving a delivery owed to an earlier registration of a subscriber to its newer one,
+# the snapshot).
+_SWEPT_EVENT = "UPDATE (resolved, pending, acked, failed, rejected, resolved_at, snapshot)"
 
 TABLE_PRIVILEGES: Final[dict[str, Grants]] = {
     # The committer's sweep releases the producer of a triggerer whose session expired.

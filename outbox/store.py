@@ -672,8 +672,14 @@ _MOVE_TO_REJOINED = sa.text(
     WITH owed AS (
         SELECT e.id, e.stream_id, jsonb_object_agg(m.name, cur.id) AS owners
         FROM outbox_lane AS l
-        JOIN outbox_event AS e
-          ON e.lane_id = l.id AND e.position > l.advanced_through AND e.pending > 0
+        CROSS JOIN LATERAL (
+            -- By the lane's (lane_id, position) index, after its cursor: never its history.
+            SELECT e.id, e.stream_id, e.snapshot, e.resolved, e.identity, e.recorded_by
+            FROM outbox_event AS e
+            WHERE e.lane_id = l.id AND e.position > l.advanced_through AND e.pending > 0
+            ORDER BY e.position
+            LIMIT :limit
+        ) AS e
         CROSS JOIN LATERAL jsonb_each(e.snapshot) AS m(name, owner)
         JOIN outbox_subscriber AS cur
           ON cur.stream_id = e.stream_id AND cur.name = m.name AND NOT cur.excluded
@@ -1889,6 +1895,7 @@ class OutboxStore:
             await conn.execute(
                 _MOVE_TO_REJOINED,
                 {
+                    "limit": limit,
                     "owner": owner,
                     "stream_ids": list(stream_ids) if stream_ids is not None else None,
                 },

@@ -60,7 +60,9 @@ async def test_connections_killed_mid_stream_are_invisible_to_subscribers(
                 )
                 row = await cursor.fetchone()
                 killed += row[0] if row else 0
-                await asyncio.sleep(0.05)  # the fault's cadence, not a wait for a condition
+                # The fault's cadence, not a wait for a condition: a connection lives long
+                # enough to be made and used (on a busy machine that takes a while).
+                await asyncio.sleep(0.3)
 
     stop = asyncio.Event()
     async with SharedStreamManager(store) as manager:
