@@ -28,6 +28,20 @@ resolution carries no trigger event); ``unstorable`` fires a payload that cannot
 ``n == BAD_N`` (and ``{"n": n}`` otherwise), ``huge`` one of 300 MiB for ``n == BAD_N``;
 ``slow`` fires for every message after ``delay`` seconds (or ``delays[n % len(delays)]``)."""
 BAD_N = 7
+HUGE_BYTES = 300 * 1024 * 1024
+_huge: list[str] = []
+
+
+def huge_text() -> str:
+    """A 300 MiB text, made once per process (so that making it is not what a run measures;
+    ``forget_huge_text`` frees it)."""
+    if not _huge:
+        _huge.append("x" * HUGE_BYTES)
+    return _huge[0]
+
+
+def forget_huge_text() -> None:
+    _huge.clear()
 
 
 def fires(mode: str, n: int) -> bool:
@@ -152,7 +166,7 @@ class SeedTrigger(BaseEventTrigger):
             if self.mode == "unstorable" and n == BAD_N:
                 yield TriggerEvent({"n": n, "handle": object()})
             elif self.mode == "huge" and n == BAD_N:
-                yield TriggerEvent({"n": n, "blob": "x" * (300 * 1024 * 1024)})
+                yield TriggerEvent({"n": n, "blob": huge_text()})
             elif fires(self.mode, n) or self.mode in ("unstorable", "huge"):
                 yield TriggerEvent({"n": n, "by": self.mode})
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import sys
 import time
 import uuid
@@ -201,8 +202,12 @@ async def run(
                     mode, source, target = move
                     cluster.set_modes(target, [*layout[target], mode])
                     joined = cluster.triggerers[target]
-                    line = f"subscribed {mode}"
-                    await wait_until(lambda: line in joined.current_run(), within=30)  # noqa: B023
+                    # Subscribed by the running process, or (restarted meanwhile) at its start.
+                    joined_it = re.compile(rf"subscribed {mode}\b|ready pid=\d+ modes=.*\b{mode}\b")
+                    await wait_until(
+                        lambda: joined_it.search(joined.current_run()) is not None,  # noqa: B023
+                        within=30,
+                    )
                     cluster.set_modes(source, [m for m in layout[source] if m != mode])
             if gracefully and rnd.random() < 0.3:
                 name = gracefully.pop()

@@ -31,7 +31,7 @@ from outbox.migrate import migrate
 from tests.faults import PASSWORD, PgServer
 from tests.invariants import assert_status_true, settled
 from tests.polling import eventually
-from tests.seed_kafka import BAD_N, SeedTrigger, fires
+from tests.seed_kafka import BAD_N, SeedTrigger, fires, forget_huge_text, huge_text
 from tests.test_e2e_kafka import Proc
 from tests.test_kafka import create_topic
 
@@ -507,6 +507,7 @@ async def test_a_subscriber_whose_trigger_event_cannot_be_stored_fails_alone(
             await baseline.close()
         return _healthy_rate(baseline, "all")
 
+    huge_text()  # made before the runs: the subscriber's own allocation is not measured
     rate_alone = await healthy_rate(("all",))
     rate_with_healthy = await healthy_rate(("all", "even", "quiet"))
 
@@ -534,6 +535,7 @@ async def test_a_subscriber_whose_trigger_event_cannot_be_stored_fails_alone(
             await subscribers.wait_handed(messages, mode)
     finally:
         await subscribers.close()
+        forget_huge_text()
     counted = await stored(store, topic)
     all_trigger_events = {k for k in counted if k[1] == "all"}
     assert all_trigger_events == {(n, "all") for n in range(topic.produced)}
