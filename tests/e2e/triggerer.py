@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
-from outbox import OutboxStore, SharedStreamManager
+from outbox import AckTimeout, OutboxStore, SharedStreamManager
 from outbox._aio import wait_event
 from tests.e2e.triggers import COMMIT_LOG_TABLE, GHOST, MODES, E2ETrigger, plain_dsn
 
@@ -108,7 +108,12 @@ async def main(args: argparse.Namespace) -> int:
         while not stop.is_set() and code == 0:
             await wait_event(stop, 0.2)
             for mode, task in list(drains.items()):
-                if task.done() and task.exception() is not None:
+                if task.done() and isinstance(task.exception(), AckTimeout):
+                    # What Airflow's triggerer does with a trigger that failed: run it again
+                    # (what it owed was failed; the Kafka producer holds and reads it again).
+                    emit(f"subscriber timed out: {mode}: {task.exception()!r}")
+                    subscribe(mode)
+                elif task.done() and task.exception() is not None:
                     emit(f"subscriber failed: {mode}: {task.exception()!r}")
                     code = 3
                 elif task.done():  # it joined on another triggerer: it left this one
