@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
 
     from tests.airflow_triggerer import AirflowSite, Triggerer
+    from tests.faults import PgServer
 
 
 def dsn(host: str, port: int | str, user: str, dbname: str, password: str | None = None) -> str:
@@ -143,6 +144,20 @@ def empty_database_url(postgresql_server: Any, request: pytest.FixtureRequest) -
     finally:
         with psycopg.connect(server, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_server() -> Iterator[PgServer]:
+    """A Postgres server of the test's own, to stop and start (``tests.faults.PgServer``)."""
+    from tests.faults import PgServer
+
+    server = PgServer()
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        server.destroy()
 
 
 @pytest.fixture

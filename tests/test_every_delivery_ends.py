@@ -20,7 +20,6 @@ import uuid
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-import pytest
 import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -36,8 +35,10 @@ from tests.test_e2e_kafka import Proc
 from tests.test_kafka import create_topic
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator
     from pathlib import Path
+
+    import pytest
 
     from outbox import TriggerEvent
 
@@ -410,17 +411,6 @@ async def test_a_pool_held_empty_is_ridden_out_then_fails_subscribers_clearly(
         f"pool held empty past outage_limit: committed to the end {took:.1f}s after; "
         f"{len(twice)} trigger events stored twice (of messages in progress at the failure)"
     )
-
-
-@pytest.fixture
-def pg_server() -> Iterator[PgServer]:
-    server = PgServer()
-    try:
-        server.init()
-        server.start()
-        yield server
-    finally:
-        server.destroy()
 
 
 async def test_postgres_down_past_outage_limit_with_a_quiet_broker(

@@ -22,7 +22,6 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-import pytest
 import sqlalchemy as sa
 
 from outbox import LaneCommitter, OutboxStore, SharedStreamManager
@@ -33,24 +32,15 @@ from tests.invariants import settled, tally
 from tests.polling import eventually
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator
+
+    import pytest
 
     from outbox import TriggerEvent
 
 MODES = ("all", "picky")
 LANES = 4  # a fifth lane first appears while the database is down
 RATE = 300.0  # messages per second
-
-
-@pytest.fixture
-def pg_server() -> Iterator[PgServer]:
-    server = PgServer()
-    try:
-        server.init()
-        server.start()
-        yield server
-    finally:
-        server.destroy()
 
 
 class Feeder:
