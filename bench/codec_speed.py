@@ -2,7 +2,7 @@
 
 Encoding (every raw event, broker payload and trigger event a manager stores): ``codec.encode``
 against ``outbox.protocol.to_json``. Decoding: ``Codec.decode`` (a jsonb value's text) against
-``outbox.store._from_jsonb``, and the committer's path (a lane's payloads parsed as one JSON
+``outbox.store.sqlparts.from_jsonb``, and the committer's path (a lane's payloads parsed as one JSON
 array, then ``Codec.decode_parsed`` each) against the parse alone. Values: a plain int, a small
 dict, a Kafka payload as ``outbox.kafka`` stores it (a dict), and Airflow's ``KafkaBrokerPayload``
 (a NamedTuple holding bytes; nothing stored it before, so it has no baseline).
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from outbox.codec import Codec, encode
 from outbox.protocol import to_json
-from outbox.store import _from_jsonb
+from outbox.store.sqlparts import from_jsonb
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -96,13 +96,13 @@ def measure_value(name: str, value: Any, calls: int, rounds: int) -> dict[str, A
         rounds,
     )
     decode_old, decode_new = best_pair(
-        (lambda: _from_jsonb(text)) if plain else None, lambda: codec.decode(text), calls, rounds
+        (lambda: from_jsonb(text)) if plain else None, lambda: codec.decode(text), calls, rounds
     )
     lane = "[" + ",".join([text] * LANE) + "]"
     decode_parsed = codec.decode_parsed
     lane_old, lane_new = best_pair(
-        (lambda: _from_jsonb(lane)) if plain else None,
-        lambda: [decode_parsed(p) for p in _from_jsonb(lane)],
+        (lambda: from_jsonb(lane)) if plain else None,
+        lambda: [decode_parsed(p) for p in from_jsonb(lane)],
         max(1, calls // LANE),
         rounds,
     )
@@ -140,7 +140,7 @@ def main() -> None:
         return
     print(f"ns per value, best of {rounds} rounds of {calls:,} (CPU time)")
     header = (
-        f"{'value':20} {'encode':>8} {'to_json':>8} {'x':>5}   {'decode':>8} {'_from_jsonb':>11}"
+        f"{'value':20} {'encode':>8} {'to_json':>8} {'x':>5}   {'decode':>8} {'from_jsonb':>11}"
         f" {'x':>5}   {'committer':>9} {'parse only':>10} {'x':>5}"
     )
     print(header)

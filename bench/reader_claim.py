@@ -33,7 +33,7 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pgsupport import bench_database
 
-import outbox.store as store_module
+import outbox.store.claims as claims_module
 from outbox import OutboxReader, OutboxStore
 
 LANES = 4
@@ -87,7 +87,7 @@ _PLAIN_CLAIM = sa.text(
     FOR UPDATE SKIP LOCKED
     """
 )
-_HOLDING_BACK = store_module._CLAIM_RECORDS
+_HOLDING_BACK = claims_module._CLAIM_RECORDS
 
 
 async def fill(store: OutboxStore, key: str, events: int, *, stuck: bool) -> int:
@@ -124,7 +124,7 @@ async def reset(store: OutboxStore) -> None:
 async def drain(store: OutboxStore, stream_id: int, batch: int, *, plain: bool) -> float:
     """Records per second claiming and marking all of the stream's records (a new reader)."""
     # The same path either way, but for the statement that claims.
-    store_module._CLAIM_RECORDS = _PLAIN_CLAIM if plain else _HOLDING_BACK
+    claims_module._CLAIM_RECORDS = _PLAIN_CLAIM if plain else _HOLDING_BACK
     reader = OutboxReader(store, batch_size=batch)
     claimed = 0
     started = time.perf_counter()
