@@ -79,8 +79,8 @@ def test_no_postgres_binaries_is_one_clear_line(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.delenv("OUTBOX_DEMO_PG_BIN", raising=False)
-    monkeypatch.setattr("outbox.demo.DEBIAN_POSTGRES", tmp_path / "none")
-    monkeypatch.setattr("outbox.demo.importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr("outbox.demo.services.DEBIAN_POSTGRES", tmp_path / "none")
+    monkeypatch.setattr("outbox.demo.services.importlib.util.find_spec", lambda name: None)
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(ConfigurationError) as raised:
         find_postgres()
