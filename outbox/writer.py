@@ -30,7 +30,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from outbox.core import backoff_delay
 from outbox.dburl import scrub, shown_url
 from outbox.errors import DatabaseUnavailable
-from outbox.store import EVENT_ID, OWNER, STATE, SUBSCRIBER
+from outbox.store import EVENT_ID, OWNER, STATE, STREAM_ID, SUBSCRIBER
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -98,6 +98,8 @@ _MEMBERSHIP = frozenset({"register", "exclude", "unregister"})
 
 # A resolution without a callback of its own is queued as itself: the hot path makes no item,
 # closure or bound method per resolution (``on_resolved`` is told of those with an ``owner``).
+# Measured together with the reject binding set once per filter task: 6,134-6,658 -> 6,899-8,585
+# events/s, cyclic GC 1.56 -> 0.66 s per 40,000 events (fourth pass in bench/results/history.md).
 _Queued: TypeAlias = "_Item | Resolution"
 
 
@@ -379,7 +381,7 @@ class Writer:
                         on_resolved(item, result)
                     elif isinstance(result, BaseException) and self._on_lost is not None:
                         # No one waits on this one (no trigger events): its stream hears of it.
-                        self._on_lost(item[0], result)
+                        self._on_lost(item[STREAM_ID], result)
                 elif item.callback is not None:
                     item.callback(result)
             except Exception:  # a callback bug must not stop the writer

@@ -89,8 +89,12 @@ SESSION_LIVE = "s.ended_at IS NULL AND s.expires_at > now()"
 DIED_AT = "coalesce(s.ended_at, s.expires_at)"
 
 
-# A batch's subscriber names as one text (``separated``): names each preceded by
-# ``NAME_SEPARATOR``, events' texts joined by ``EVENT_SEPARATOR`` (see ``outbox.store.resolving``).
+# The resolve statement takes a batch's subscriber names grouped by event as one text
+# (``separated``): each name preceded by ``NAME_SEPARATOR``, the events' texts joined by
+# ``EVENT_SEPARATOR``. Postgres splits texts faster than it groups a row per resolution (a sort,
+# ``array_agg``, a hash join per record): measured 50.4 -> 45.8 us per event for the statement
+# alone and +3.7% events/s end to end (bench/results, sixth pass). A name holding either character
+# is refused at ``subscribe`` (``holds_separator``).
 NAME_SEPARATOR: Final = "\x1f"
 EVENT_SEPARATOR: Final = "\x1e"
 
