@@ -46,6 +46,38 @@ BROKER_REDELIVERS: Final = "the triggerer that read it is gone; the broker deliv
 # one (an event recorded on another triggerer while it joined again): it goes on, and the
 # producer's failure handling decides whether the message comes back (Kafka: held, read again).
 REGISTRATION_GONE: Final = "its subscriber left, or joined again"
+# Why the sweep fails a delivery whose ack timeout passed by the database clock (counted from
+# when the event was recorded: a lane is never held longer than that).
+DATABASE_CLOCK_TIMEOUT: Final = "ack timeout (database clock)"
+
+# What a subscriber does when another resolution of its delivery won over its own.
+LostDelivery = Literal["moved", "goes on", "ack timeout"]
+
+
+def after_lost_delivery(
+    *,
+    registration: int | None,
+    current: int | None,
+    reason: str | None,
+    recorded_before_join: bool,
+) -> LostDelivery:
+    """Why a subscriber's resolution lost, as what it does next: ``moved`` (it joined the stream
+    on another triggerer since: it leaves this one quietly), ``goes on`` (the failure was not its
+    own: the broker delivers the message again, the failure was meant for an earlier
+    registration, or the delivery came with its join from an earlier registration and its ack
+    timeout, counted from the recording, passed before it could finish it), or ``ack timeout``
+    (it held an event of its own registration past the ack timeout, or its triggerer's session
+    was failed)."""
+    if registration is not None and current is not None and current != registration:
+        return "moved"
+    if reason == BROKER_REDELIVERS:
+        return "goes on"
+    own_registration = current is not None and current == registration
+    if reason == REGISTRATION_GONE and own_registration:
+        return "goes on"
+    if reason == DATABASE_CLOCK_TIMEOUT and own_registration and recorded_before_join:
+        return "goes on"
+    return "ack timeout"
 
 
 def _jsonable(value: Any) -> Any:

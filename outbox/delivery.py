@@ -9,7 +9,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from outbox.codec import encode
-from outbox.core import ACKED, BROKER_REDELIVERS, FAILED, REGISTRATION_GONE, REJECTED
+from outbox.core import ACKED, FAILED, REJECTED, after_lost_delivery
 from outbox.errors import OutboxError
 from outbox.protocol import AckTimeout, _current_binding
 from outbox.subscriber import PersistGate, fast_events, raw_events
@@ -294,18 +294,24 @@ def delivered(
 
 
 async def _lost(group: StreamGroup, subscriber: Subscriber, event_id: int) -> None:
-    """Another resolution of a delivery won over the subscriber's: it joined on another
-    triggerer meanwhile (it has moved: it leaves this one, quietly), or its delivery was
-    failed by the ack timeout by the database clock or with this triggerer's session (it
-    gets ``AckTimeout``), or failed because the broker delivers it again (it goes on)."""
+    """Another resolution of a delivery won over the subscriber's: what it does next is
+    ``outbox.core.after_lost_delivery``'s answer."""
     registration = subscriber.registration
     store = group.host.store
     try:
         current = await store.registration_of(group.stream_id, subscriber.name)
-        reason = await store.failure_reason(event_id, subscriber.name)
+        reason, recorded_before_join = await store.failure_of(
+            event_id, subscriber.name, registration
+        )
     except Exception:
-        current, reason = registration, None
-    if registration is not None and current is not None and current != registration:
+        current, reason, recorded_before_join = registration, None, False
+    verdict = after_lost_delivery(
+        registration=registration,
+        current=current,
+        reason=reason,
+        recorded_before_join=recorded_before_join,
+    )
+    if verdict == "moved":
         log.info(
             "subscriber joined the stream on another triggerer; it leaves this one",
             extra={"trigger_id": subscriber.trigger_id, "stream": repr(group.key)},
@@ -314,10 +320,7 @@ async def _lost(group: StreamGroup, subscriber: Subscriber, event_id: int) -> No
             subscriber.registration = None  # no longer this triggerer's to remove
             group.detach(subscriber, classify=False)
         return
-    if reason == BROKER_REDELIVERS or (
-        reason == REGISTRATION_GONE and current is not None and current == registration
-    ):
-        # Not this subscriber's failure (``BROKER_REDELIVERS``, ``REGISTRATION_GONE``).
+    if verdict == "goes on":
         log.info(
             "event %s was failed for trigger %s (%s); it goes on",
             event_id,

@@ -11,10 +11,14 @@ from hypothesis import strategies as st
 from outbox import AdvanceOutcome
 from outbox.core import (
     ACKED,
+    BROKER_REDELIVERS,
+    DATABASE_CLOCK_TIMEOUT,
     FAILED,
+    REGISTRATION_GONE,
     REJECTED,
     LaneEvent,
     PriorOccurrence,
+    after_lost_delivery,
     backoff_delay,
     canonical_json,
     contiguous_resolved_prefix,
@@ -176,3 +180,43 @@ def test_is_clean_requires_an_accept_and_no_reject_or_failure(
 ) -> None:
     assert outcome.is_clean is clean
     assert AdvanceOutcome(acked=1, failed=0) == AdvanceOutcome(1, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("registration", "current", "reason", "recorded_before_join", "verdict"),
+    [
+        # It joined the stream on another triggerer since: it leaves this one.
+        (7, 9, None, False, "moved"),
+        (7, 9, DATABASE_CLOCK_TIMEOUT, True, "moved"),
+        # The broker delivers the message again: not its failure.
+        (7, 7, BROKER_REDELIVERS, False, "goes on"),
+        (None, None, BROKER_REDELIVERS, False, "goes on"),
+        # Meant for an earlier registration of it.
+        (7, 7, REGISTRATION_GONE, False, "goes on"),
+        (7, None, REGISTRATION_GONE, False, "ack timeout"),
+        # Came with its join and ran out of time before it could finish it.
+        (7, 7, DATABASE_CLOCK_TIMEOUT, True, "goes on"),
+        # Its own delivery, held past the ack timeout.
+        (7, 7, DATABASE_CLOCK_TIMEOUT, False, "ack timeout"),
+        (7, None, DATABASE_CLOCK_TIMEOUT, True, "ack timeout"),
+        # Failed with its triggerer's session, or no reason recorded.
+        (7, 7, None, False, "ack timeout"),
+        (7, 7, "unsubscribed before pulling", True, "ack timeout"),
+    ],
+)
+def test_what_a_subscriber_does_when_its_resolution_lost(
+    registration: int | None,
+    current: int | None,
+    reason: str | None,
+    recorded_before_join: bool,
+    verdict: str,
+) -> None:
+    assert (
+        after_lost_delivery(
+            registration=registration,
+            current=current,
+            reason=reason,
+            recorded_before_join=recorded_before_join,
+        )
+        == verdict
+    )

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from outbox.core import canonical_json
+from outbox.core import DATABASE_CLOCK_TIMEOUT, canonical_json
 from outbox.store import EventToRecord, ResolutionRow
 
 if TYPE_CHECKING:
@@ -111,6 +111,51 @@ async def test_joining_again_moves_what_the_earlier_registration_was_owed(
     assert await store.fail_expired() == 0
     owed = await store.owed_deliveries(stream_id, [ids["f"]])
     assert [e for e, *_ in owed] == [e.event_id for e in (*before, *during)]
+
+
+async def test_a_moved_delivery_failed_by_the_database_clock_says_it_came_with_the_join(
+    store: OutboxStore,
+) -> None:
+    """A follower restarts late in the ack timeout of what it was owed: the deliveries moved to
+    its new registration still end by the ack timeout counted from their recording (a lane is
+    never held longer), and ``failure_of`` tells its manager they came with the join (so the
+    subscriber goes on, ``outbox.core.after_lost_delivery``); a delivery recorded after the
+    join is its own."""
+    stream_id, lane_id = await _stream(store, ack_timeout=60)
+    reader = await store.create_session("reader", ttl=60)
+    old = await store.create_session("follower-old", ttl=60)
+    await store.register(stream_id, ["f"], old)
+    before = await _record(store, stream_id, lane_id, 2, session=reader, identity="k")
+    await store.end_session(old)  # restarting
+    new = await store.create_session("follower-new", ttl=60)
+    ids, moved = await store.register(stream_id, ["f"], new)
+    assert moved == 2
+    after = await _record(store, stream_id, lane_id, 1, session=reader, identity="m")
+    async with store.engine.begin() as conn:  # the recordings 61 s ago, the join just before
+        await conn.execute(
+            sa.text("UPDATE outbox_event SET created_at = created_at - interval '61 seconds'")
+        )
+        joined = await conn.scalar(
+            sa.text("SELECT created_at FROM outbox_event WHERE id = :id"),
+            {"id": after[0].event_id},
+        )
+        await conn.execute(
+            sa.text("UPDATE outbox_subscriber SET joined_at = :joined WHERE id = :f"),
+            {"f": ids["f"], "joined": joined},
+        )
+    assert await store.fail_expired() == 3
+    assert {state for _, n, _, state in await _deliveries(store) if n == "f"} == {"failed"}
+    for event in before:
+        assert await store.failure_of(event.event_id, "f", ids["f"]) == (
+            DATABASE_CLOCK_TIMEOUT,
+            True,
+        )
+    assert await store.failure_of(after[0].event_id, "f", ids["f"]) == (
+        DATABASE_CLOCK_TIMEOUT,
+        False,
+    )
+    # Nothing failed for a subscriber that was never owed it.
+    assert await store.failure_of(after[0].event_id, "nobody", ids["f"]) == (None, False)
 
 
 async def test_events_without_identity_of_a_reader_that_is_gone_fail_at_once(

@@ -200,17 +200,29 @@ class Sessions(StoreBase):
             ).all()
         return {row[0]: row[1] for row in rows}, (rows[0][2] if rows else 0)
 
-    async def failure_reason(self, event_id: int, name: str) -> str | None:
-        """Why ``name``'s delivery of the event was failed (or rejected), if it was."""
+    async def failure_of(
+        self, event_id: int, name: str, registration: int | None
+    ) -> tuple[str | None, bool]:
+        """Why ``name``'s delivery of the event was failed (or rejected), if it was, and whether
+        the event was recorded before ``registration`` joined (a delivery it took over from an
+        earlier registration of the subscriber)."""
         async with self._autocommit.connect() as conn:
-            found = await conn.scalar(
-                sa.text(
-                    "SELECT reason FROM outbox_unacked "
-                    "WHERE event_id = :event_id AND subscriber = :name"
-                ),
-                {"event_id": event_id, "name": name},
-            )
-        return None if found is None else str(found)
+            row = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT u.reason, coalesce(e.created_at < r.joined_at, false) "
+                        "FROM outbox_event AS e "
+                        "LEFT JOIN outbox_unacked AS u "
+                        "  ON u.event_id = e.id AND u.subscriber = :name "
+                        "LEFT JOIN outbox_subscriber AS r ON r.id = :registration "
+                        "WHERE e.id = :event_id"
+                    ),
+                    {"event_id": event_id, "name": name, "registration": registration},
+                )
+            ).first()
+        if row is None:
+            return None, False
+        return (None if row[0] is None else str(row[0])), bool(row[1])
 
     async def registration_of(self, stream_id: int, name: str) -> int | None:
         """The current registration of subscriber ``name`` of the stream, on any triggerer."""

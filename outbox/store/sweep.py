@@ -8,6 +8,7 @@ import sqlalchemy as sa
 
 from outbox.core import (
     BROKER_REDELIVERS,
+    DATABASE_CLOCK_TIMEOUT,
     REGISTRATION_GONE,
 )
 from outbox.store.resolving import Resolving
@@ -36,7 +37,7 @@ _WHY_UNDELIVERABLE = f"""
                    CASE WHEN rs.id IS NOT NULL AND NOT ({SESSION_LIVE.replace("s.", "rs.")})
                         THEN {DIED_AT.replace("s.", "rs.")} END)
              <= now() - make_interval(secs => st.ack_timeout + :grace)
-            THEN 'ack timeout (database clock)'
+            THEN '{DATABASE_CLOCK_TIMEOUT}'
     END
 """
 
