@@ -13,20 +13,18 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import importlib
 import logging
 import os
-import signal
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from outbox._aio import wait_event
+from outbox.builders import rebuild_producer
 from outbox.codec import Codec
-from outbox.core import backoff_delay, canonical_json, contiguous_resolved_prefix, short_repr
+from outbox.core import backoff_delay, canonical_json, contiguous_resolved_prefix
 from outbox.errors import ConfigurationError, UndecodableValue
 from outbox.interop import adapt_producer
 from outbox.protocol import AdvanceItem, AdvanceOutcome, SharedStreamProducer
@@ -34,8 +32,6 @@ from outbox.store import AdvancedBatch
 from outbox.writer import error_line, is_transient
 
 if TYPE_CHECKING:
-    from types import FrameType, ModuleType
-
     from outbox.metrics import CommitterMetrics
     from outbox.store import LaneLease, OutboxStore, ReadyLane
 
@@ -52,46 +48,6 @@ MAX_LANES_PER_PASS = 1000
 def _outcome(acked: int, failed: int, rejected: int) -> AdvanceOutcome:
     """One shared (immutable) outcome per count triple: a batch repeats a few of them."""
     return AdvanceOutcome(acked=acked, failed=failed, rejected=rejected)
-
-
-# What stops the committer even when trigger code raised it: a cancelled task, Ctrl-C.
-_SHUTDOWN = (asyncio.CancelledError, KeyboardInterrupt)
-
-
-class _RaisedByTheModule(Exception):
-    """A ``KeyboardInterrupt`` (its ``__cause__``) that the module raised itself, no SIGINT
-    delivered: its failure, not a shutdown."""
-
-
-def _import_module(name: str) -> ModuleType:
-    """``importlib.import_module``, telling a SIGINT delivered while the module loads (its
-    ``KeyboardInterrupt`` is raised again) from a ``KeyboardInterrupt`` the module raises of
-    its own accord (``_RaisedByTheModule``)."""
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or not callable(previous):
-        return importlib.import_module(name)  # a SIGINT cannot be told apart: all are real
-    delivered = False
-
-    def noting(signum: int, frame: FrameType | None) -> Any:
-        nonlocal delivered
-        delivered = True
-        return previous(signum, frame)
-
-    signal.signal(signal.SIGINT, noting)
-    try:
-        return importlib.import_module(name)
-    except KeyboardInterrupt as exc:
-        if delivered:
-            raise
-        raise _RaisedByTheModule from exc
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _first_line(exc: BaseException) -> str:
-    """The start of the exception's first line, for one-line errors."""
-    text = str(exc).strip()
-    return short_repr(text.splitlines()[0]) if text else "no message"
 
 
 class LaneCommitter:
@@ -207,52 +163,11 @@ class LaneCommitter:
                 source if isinstance(source, SharedStreamProducer) else source()
             )
         else:
-            producer = self._rebuild(key_json, class_path, kwargs)
+            producer = rebuild_producer(
+                key_json, class_path, kwargs, allowed_modules=self.allowed_modules
+            )
         self._rebuilt[stream_id] = producer
         return producer
-
-    def _rebuild(
-        self, key_json: str, class_path: str, kwargs: dict[str, Any]
-    ) -> SharedStreamProducer:
-        module_name, _, class_name = class_path.rpartition(".")
-        shown = (
-            class_path
-            if class_path.isprintable() and 0 < len(class_path) <= 200
-            else short_repr(class_path)
-        )
-        if not any(
-            module_name == m or module_name.startswith(m + ".") for m in self.allowed_modules
-        ):
-            raise ConfigurationError(
-                f"stream {key_json}: trigger class {shown} is outside the allowed modules "
-                f"{list(self.allowed_modules)}; add its module with --allow-module"
-            )
-        try:
-            trigger_class = getattr(_import_module(module_name), class_name)
-        except _SHUTDOWN:
-            raise
-        except BaseException as exc:  # ImportError, or whatever the module raises as it loads
-            cause = (exc.__cause__ if isinstance(exc, _RaisedByTheModule) else None) or exc
-            fix = (
-                "install the package that defines it where the committer runs"
-                if isinstance(cause, ImportError)
-                else "fix what the module does as it loads"
-            )
-            raise ConfigurationError(
-                f"stream {key_json}: cannot import trigger class {shown} "
-                f"({type(cause).__name__}: {_first_line(cause)}); {fix}"
-            ) from None
-        try:
-            return adapt_producer(trigger_class.create_shared_stream_producer(kwargs))
-        except _SHUTDOWN:
-            raise
-        except BaseException as exc:  # not a trigger class, its kwargs do not fit it, an exit
-            raise ConfigurationError(
-                f"stream {key_json}: cannot build a producer with {shown}"
-                f".create_shared_stream_producer(kwargs) ({type(exc).__name__}: "
-                f"{_first_line(exc)}); the stored class path or kwargs do not fit the "
-                "installed trigger class"
-            ) from None
 
     async def _discard_rebuilt(self, stream_id: int) -> None:
         producer = self._rebuilt.pop(stream_id, None)
