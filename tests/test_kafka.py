@@ -133,6 +133,20 @@ ACK = AdvanceOutcome(1, 0, 0)
 REJECT = AdvanceOutcome(0, 0, 1)
 FAIL = AdvanceOutcome(0, 1, 0)
 NOBODY = AdvanceOutcome(0, 0, 0)
+REJECTED_AND_FAILED = AdvanceOutcome(1, 1, 1)  # one subscriber of each kind
+
+
+def test_a_failure_holds_a_message_another_subscriber_rejected() -> None:
+    """One subscriber rejected a message and another failed it: the failure decides (held, to
+    be read again for the one that failed it; or dead-lettered, if failures are), never a
+    commit past it as a reject (the e2e run with three triggerers found that commit: the
+    subscriber that failed it never got it again)."""
+    assert RoutingPolicy().route(REJECTED_AND_FAILED) == "hold"
+    assert RoutingPolicy(rejected="drop").route(REJECTED_AND_FAILED) == "hold"
+    assert RoutingPolicy(failed="dead-letter").route(REJECTED_AND_FAILED) == "dead-letter"
+    policy = RoutingPolicy(rejected="drop", failed="dead-letter")
+    assert policy.route(REJECTED_AND_FAILED) == "dead-letter"
+    assert RoutingPolicy().route(AdvanceOutcome(2, 0, 1)) == "dead-letter"  # a reject alone
 
 
 @pytest.mark.parametrize(
@@ -142,6 +156,7 @@ NOBODY = AdvanceOutcome(0, 0, 0)
         ([(0, ACK), (1, REJECT)], 2),
         ([(0, ACK), (1, FAIL), (2, ACK)], 1),
         ([(0, ACK), (1, NOBODY)], 1),
+        ([(0, ACK), (1, REJECTED_AND_FAILED), (2, ACK)], 1),
         ([(0, FAIL), (1, ACK)], None),  # nothing to commit: the group starts at 0 again
     ],
 )

@@ -384,7 +384,7 @@ class KafkaSharedStreamProducer(SharedStreamProducer):
         payload: dict[str, Any], outcome: AdvanceOutcome
     ) -> list[tuple[str, bytes]]:
         original = [(k, unb64(v) or b"") for k, v in payload.get("headers") or ()]
-        reason = "rejected" if outcome.rejected else "failed"
+        reason = "failed" if outcome.failed else "rejected"  # as ``RoutingPolicy.route`` decides
         return [
             *original,
             (f"{HEADER_PREFIX}origin-topic", str(payload["topic"]).encode()),

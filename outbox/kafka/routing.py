@@ -50,10 +50,14 @@ class RoutingPolicy:
             raise ValueError(f"unsubscribed must be 'hold' or 'commit', got {self.unsubscribed!r}")
 
     def route(self, outcome: AdvanceOutcome) -> Literal["commit", "dead-letter", "hold"]:
-        if outcome.rejected:
-            return "dead-letter" if self.rejected == "dead-letter" else "commit"
+        # A failure decides first: a message one subscriber rejected and another failed is
+        # held (or dead-lettered) for the one that failed it, never committed past as a reject
+        # (that subscriber would not get it again). Read again, the rejection is carried over,
+        # and the message is routed as rejected once the others have resolved it.
         if outcome.failed:
             return "dead-letter" if self.failed == "dead-letter" else "hold"
+        if outcome.rejected:
+            return "dead-letter" if self.rejected == "dead-letter" else "commit"
         if outcome.acked == 0:
             return "hold" if self.unsubscribed == "hold" else "commit"
         return "commit"
