@@ -249,7 +249,7 @@ def _encode(value: Any, *, what: str) -> str:
 # -- decoding ---------------------------------------------------------------------------------
 
 # Postgres prints a jsonb value as exactly one JSON value: the C scanner reads it without
-# json.loads' Python wrapper (see outbox.store).
+# json.loads' Python wrapper (see outbox.store.sqlparts.from_jsonb).
 _scan: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(
     json.JSONDecoder()  # type: ignore[arg-type]
 )

@@ -64,10 +64,10 @@ def after_lost_delivery(
     """Why a subscriber's resolution lost, as what it does next: ``moved`` (it joined the stream
     on another triggerer since: it leaves this one quietly), ``goes on`` (the failure was not its
     own: the broker delivers the message again, the failure was meant for an earlier
-    registration, or the delivery came with its join from an earlier registration and its ack
-    timeout, counted from the recording, passed before it could finish it), or ``ack timeout``
-    (it held an event of its own registration past the ack timeout, or its triggerer's session
-    was failed)."""
+    registration, or the delivery came with its join from an earlier registration and the
+    database clock failed it: its ack timeout, counted from the recording, or the session it is
+    owed through, ran out before it could finish it), or ``ack timeout`` (it held an event of
+    its own registration past the ack timeout, or its triggerer's session was failed)."""
     if registration is not None and current is not None and current != registration:
         return "moved"
     if reason == BROKER_REDELIVERS:

@@ -9,7 +9,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from outbox.codec import encode
-from outbox.core import ACKED, FAILED, REJECTED, after_lost_delivery
+from outbox.core import ACKED, DATABASE_CLOCK_TIMEOUT, FAILED, REJECTED, after_lost_delivery
 from outbox.errors import OutboxError
 from outbox.protocol import AckTimeout, _current_binding
 from outbox.subscriber import PersistGate, fast_events, raw_events
@@ -272,8 +272,9 @@ def delivered(
 ) -> None:
     """The writer's report on a resolution of ``subscriber`` carrying ``n`` trigger events:
     hand them over if it won; if another resolution of the delivery won (the ack timeout by
-    the database clock, or its triggerer's session ended), the subscriber gets
-    ``AckTimeout``; if it could not be stored, the subscriber fails with that error."""
+    the database clock, or its triggerer's session ended), ``_lost`` decides (in the main:
+    ``AckTimeout``; ``outbox.core.after_lost_delivery``); if it could not be stored, the
+    subscriber fails with that error."""
     uncommitted = subscriber.uncommitted
     if result is True:
         emit = subscriber.emit
@@ -321,11 +322,16 @@ async def _lost(group: StreamGroup, subscriber: Subscriber, event_id: int) -> No
             group.detach(subscriber, classify=False)
         return
     if verdict == "goes on":
-        log.info(
-            "event %s was failed for trigger %s (%s); it goes on",
+        # A delivery taken over at the join that ran out of time: its trigger events were not
+        # stored, and whether the message comes back is the producer's failure handling.
+        taken_over = reason == DATABASE_CLOCK_TIMEOUT
+        log.log(
+            logging.WARNING if taken_over else logging.INFO,
+            "event %s was failed for trigger %s (%s%s); it goes on",
             event_id,
             subscriber.trigger_id,
             reason,
+            ", taken over at its join: its trigger events were not stored" if taken_over else "",
             extra={"stream": repr(group.key)},
         )
         return

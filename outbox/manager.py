@@ -52,7 +52,9 @@ class SharedStreamManager:
 
     :param store: the ``OutboxStore`` that records events, resolutions and trigger events.
     :param ack_timeout: seconds from broadcast within which a subscriber must resolve an event;
-        past it the subscriber is failed for that event and gets ``AckTimeout``.
+        past it the subscriber is failed for that event and gets ``AckTimeout`` (a delivery it
+        took over by joining again, whose ack timeout counted from the recording ran out, fails
+        without failing it: ``outbox.core.after_lost_delivery``).
     :param max_subscriber_queue: bound on a subscriber's unconsumed raw events.
     :param cohort_grace_period: seconds a new stream waits before polling, so triggers that
         subscribe together after a restart (on any triggerer) are all in the first event's

@@ -33,7 +33,9 @@ class AckTimeout(Exception):
     """Raised into a subscriber that did not finish an event within the ack timeout.
 
     The timeout is counted from the event's broadcast and covers a subscriber still on the event,
-    one that never pulled it, and one whose trigger events were never committed.
+    one that never pulled it, and one whose trigger events were never committed. A delivery the
+    subscriber took over by joining the stream again is failed without it (its timeout counts
+    from the recording; the producer's failure handling brings the message back).
     """
 
 

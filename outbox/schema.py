@@ -239,7 +239,7 @@ record = Table(
     Column("dispatched_at", DateTime(timezone=True)),
     UniqueConstraint("event_id", "subscriber", "ordinal"),
     # The reader's claim order: a stream's undispatched records in event order (see
-    # ``store._CLAIM_RECORDS``).
+    # ``outbox.store.claims._CLAIM_RECORDS``).
     Index(
         "ix_outbox_record_undispatched",
         "stream_id",

@@ -300,3 +300,17 @@ async def test_end_to_end_commits_each_partition_and_dead_letters_rejects(
     assert headers["x-outbox-origin-offset"] == b"4"
     assert headers["x-outbox-reason"] == b"rejected"
     assert (headers["x-outbox-acked"], headers["x-outbox-rejected"]) == (b"1", b"1")
+
+
+def test_public_classes_record_the_class_path_of_earlier_versions() -> None:
+    """A trigger's class path is stored (by outbox and by Airflow) and imported by committers
+    and triggerers of other versions: the classes keep ``outbox.kafka.<name>``, as before
+    ``outbox.kafka`` was a package."""
+    import importlib
+
+    import outbox.kafka
+
+    for name in outbox.kafka.__all__:
+        cls = getattr(outbox.kafka, name)
+        assert cls.__module__ == "outbox.kafka", name
+        assert getattr(importlib.import_module(cls.__module__), cls.__qualname__) is cls

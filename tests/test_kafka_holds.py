@@ -22,10 +22,10 @@ from outbox import LaneCommitter, SharedStreamManager, TriggerEvent
 from outbox.display import readable
 from outbox.kafka import (
     DeadLetterFlood,
+    FloodGuard,
     KafkaSharedStreamProducer,
     KafkaSharedTrigger,
     RoutingPolicy,
-    _FloodGuard,
 )
 from outbox.metrics import CommitterMetrics
 from tests.invariants import settled, tally
@@ -440,7 +440,7 @@ def test_the_flood_guard_counts_as_before_in_time_per_batch() -> None:
     rnd = random.Random(18)
     policy = RoutingPolicy(rejected="drop", flood_run=12, flood_ratio=0.4, flood_window=50)
     for _ in range(300):
-        guard = _FloodGuard(policy)
+        guard = FloodGuard(policy)
         history: list[bool] = []
         for _ in range(8):
             share = rnd.choice((0.0, 0.2, 0.45, 0.7))

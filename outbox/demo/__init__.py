@@ -67,3 +67,7 @@ __all__ = (
     "message",
     "run_demo",
 )
+
+# The class path a demo stream records (``outbox.demo.DemoTrigger``), as before the demo was a
+# package.
+DemoTrigger.__module__ = __name__

@@ -16,12 +16,13 @@ one warning line. Topics with offset gaps (compaction, transactions) need
 ``contiguous_offsets=False``, which commits past each batch's highest offset and keeps holds in
 memory only.
 
-Holds. A message that is held (by default: one a subscriber failed, or that nobody was
-subscribed to) is not committed past; later messages of its partition are still handled. The
-partition's commit is *held at* the first offset it cannot pass while later messages were
-handled: ``describe_hold(lane)`` names that message, the committer records it on the lane with
-the time it began (``outbox status``, the ``outbox_lane_held_seconds`` metric), and ``outbox
-prune`` keeps the lane's events from the held message on, which deduplicate its re-reading.
+Holds. A message that is held (by default: one a subscriber failed, also when another rejected
+it, or that nobody was subscribed to) is not committed past; later messages of its partition
+are still handled. The partition's commit is *held at* the first offset it cannot pass while
+later messages were handled: ``describe_hold(lane)`` names that message, the committer records
+it on the lane with the time it began (``outbox status``, the ``outbox_lane_held_seconds``
+metric), and ``outbox prune`` keeps the lane's events from the held message on, which
+deduplicate its re-reading.
 
 Redelivery. A held message is read again, and the commit moves on as soon as it is resolved:
 
@@ -67,4 +68,14 @@ __all__ = (
     "RoutingPolicy",
 )
 
-_FloodGuard = FloodGuard  # its name before outbox.kafka was a package (tests use it)
+# Public classes keep the module path they had before ``outbox.kafka`` was a package: a trigger
+# records its class path in the database (and Airflow in its trigger table), and a committer or
+# triggerer of an earlier version must still import what a newer one recorded.
+for _public in (
+    DeadLetterFlood,
+    KafkaSharedStreamProducer,
+    KafkaSharedTrigger,
+    OffsetRanges,
+    RoutingPolicy,
+):
+    _public.__module__ = __name__

@@ -25,7 +25,8 @@ class RoutingPolicy:
     """What ``advance`` does with events that were not accepted by every subscriber.
 
     :param rejected: ``"dead-letter"`` (produce to the dead-letter topic, commit past) or
-        ``"drop"`` (commit past).
+        ``"drop"`` (commit past); unless another subscriber failed the message: ``failed``
+        decides then.
     :param failed: ``"hold"`` (do not commit past; read again, see ``outbox.kafka``'s
         docstring) or ``"dead-letter"``.
     :param unsubscribed: for an event nobody was subscribed to: ``"hold"`` or ``"commit"``.
