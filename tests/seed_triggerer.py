@@ -15,61 +15,33 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from typing import TYPE_CHECKING
 
-from outbox import OutboxStore, SharedStreamManager
 from tests.seed_kafka import SeedTrigger
+from tests.triggerer_process import run_triggerer
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
-
-    from outbox import TriggerEvent
-
-
-def emit(line: str) -> None:
-    print(line, flush=True)
-
-
-async def drain(events: AsyncIterator[TriggerEvent], counts: dict[str, int], mode: str) -> None:
-    async for _ in events:
-        counts[mode] += 1
+    from collections.abc import Sequence
 
 
 async def main(args: argparse.Namespace) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    modes = args.modes.split(",")
-    async with OutboxStore.from_url(args.database_url) as store:
-        manager = SharedStreamManager(store, ack_timeout=args.ack_timeout)
-        counts = dict.fromkeys(modes, 0)
-        drains = {}
-        for mode in modes:
-            trigger = SeedTrigger(
-                topics=[args.topic],
-                bootstrap_servers=args.bootstrap,
-                group_id=args.group,
-                mode=mode,
-                delay=args.delay,
-            )
-            events = manager.subscribe(trigger_id=mode, trigger=trigger)
-            drains[mode] = asyncio.create_task(drain(events, counts, mode), name=mode)
-        emit(f"ready pid={os.getpid()}")
-        stopped = asyncio.create_task(stop.wait())
-        while not stop.is_set():
-            done, _ = await asyncio.wait({stopped, *drains.values()}, timeout=1.0)
-            emit("progress " + " ".join(f"{m}={counts[m]}" for m in modes))
-            for task in [t for t in drains.values() if t in done]:
-                emit(f"subscriber failed: {task.get_name()}: {task.exception()!r}")
-                del drains[task.get_name()]
-        await manager.stop_all()
-        stopped.cancel()
-        await asyncio.gather(*drains.values(), stopped, return_exceptions=True)
-        emit(f"stopped pid={os.getpid()}")
-        return 0
+    triggers = {
+        mode: SeedTrigger(
+            topics=[args.topic],
+            bootstrap_servers=args.bootstrap,
+            group_id=args.group,
+            mode=mode,
+            delay=args.delay,
+        )
+        for mode in args.modes.split(",")
+    }
+    return await run_triggerer(
+        args.database_url,
+        triggers,
+        manager_options={"ack_timeout": args.ack_timeout},
+        exit_on_failure=False,
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -14,62 +14,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
-import signal
 import sys
 from typing import TYPE_CHECKING
 
-from outbox import OutboxStore, SharedStreamManager
 from tests.provider.triggers import MODES, TRIGGERS
+from tests.triggerer_process import run_triggerer
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
-
-    from outbox import TriggerEvent
-
-
-def emit(line: str) -> None:
-    print(line, flush=True)
-
-
-async def drain(events: AsyncIterator[TriggerEvent], counts: dict[str, int], mode: str) -> None:
-    async for _ in events:
-        counts[mode] += 1
+    from collections.abc import Sequence
 
 
 async def main(args: argparse.Namespace) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with OutboxStore.from_url(args.database_url) as store:
-        await store.check_schema()
-        manager = SharedStreamManager(
-            store, ack_timeout=args.ack_timeout, committer_options={"poll_interval": 0.5}
-        )
-        counts = dict.fromkeys(MODES, 0)
-        drains = {}
-        for mode in MODES:
-            trigger = TRIGGERS[mode](topics=[args.topic], dlq_topic=args.dlq)
-            events = manager.subscribe(trigger_id=mode, trigger=trigger)
-            drains[mode] = asyncio.create_task(drain(events, counts, mode), name=mode)
-        emit(f"ready pid={os.getpid()}")
-        code = 0
-        stopped = asyncio.create_task(stop.wait())
-        while not stop.is_set():
-            done, _ = await asyncio.wait({stopped, *drains.values()}, timeout=1.0)
-            emit("progress " + " ".join(f"{m}={counts[m]}" for m in MODES))
-            failed = [t for t in drains.values() if t in done]
-            if failed:
-                for task in failed:
-                    emit(f"subscriber failed: {task.get_name()}: {task.exception()!r}")
-                code = 3
-                break
-        await manager.stop_all()
-        stopped.cancel()
-        await asyncio.gather(*drains.values(), stopped, return_exceptions=True)
-        emit(f"stopped pid={os.getpid()} code={code}")
-        return code
+    triggers = {mode: TRIGGERS[mode](topics=[args.topic], dlq_topic=args.dlq) for mode in MODES}
+    return await run_triggerer(
+        args.database_url,
+        triggers,
+        manager_options={
+            "ack_timeout": args.ack_timeout,
+            "committer_options": {"poll_interval": 0.5},
+        },
+        exit_on_failure=True,
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
