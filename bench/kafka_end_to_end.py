@@ -43,7 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pgsupport import OUTBOX_TABLES  # noqa: E402 (the bench directory is on the path only now)
+from kafkasupport import create_topic, produce  # noqa: E402 (the bench directory is on the path only now)
+from pgsupport import OUTBOX_TABLES  # noqa: E402
 
 
 def server_url(url: str, database: str) -> str:
@@ -51,31 +52,8 @@ def server_url(url: str, database: str) -> str:
     return f"{base}/{database}"
 
 
-async def create_topic(bootstrap: str, partitions: int) -> str:
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    name = f"bench-{uuid.uuid4().hex[:10]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, partitions, 1)])
-    finally:
-        await admin.close()
-    return name
-
-
-async def produce(bootstrap: str, topic: str, messages: int, partitions: int) -> dict[int, int]:
-    from aiokafka import AIOKafkaProducer
-
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-    await producer.start()
-    try:
-        for n in range(messages):
-            await producer.send(topic, json.dumps({"n": n}).encode(), partition=n % partitions)
-        await producer.flush()
-    finally:
-        await producer.stop()
-    return {p: messages // partitions + (p < messages % partitions) for p in range(partitions)}
+def _value_of(n: int) -> bytes:
+    return json.dumps({"n": n}).encode()
 
 
 async def broker_rate(bootstrap: str, topic: str, messages: int, partitions: int) -> float:
@@ -231,7 +209,13 @@ async def measure(args: argparse.Namespace) -> tuple[list[float], list[dict[str,
     try:
         await migrate(url)
         topic = await create_topic(bootstrap, args.partitions)
-        ends = await produce(bootstrap, topic, args.messages, args.partitions)
+        ends = await produce(
+            bootstrap,
+            topic,
+            args.messages,
+            args.partitions,
+            lambda n: json.dumps({"n": n}).encode(),
+        )
         broker = [await broker_rate(bootstrap, topic, args.messages, args.partitions)]
         cells = [
             await end_to_end(url, bootstrap, topic, ends, s, args.timeout) for s in args.subscribers

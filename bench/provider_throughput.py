@@ -70,7 +70,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pgsupport import OUTBOX_TABLES, bench_database  # noqa: E402 (bench/ is on the path now)
+from kafkasupport import create_topic, produce  # noqa: E402 (bench/ is on the path now)
+from pgsupport import OUTBOX_TABLES, bench_database  # noqa: E402
 
 MANAGERS = ("outbox", "airflow")
 COMMIT_POLL = 0.002  # seconds between reads of Kafka's committed offsets, once all is received
@@ -139,36 +140,6 @@ class CpuMeter:
             self._seconds([self.broker] if self.broker is not None else []),
             st.user + st.nice + st.system + st.irq + st.softirq,
         )
-
-
-async def create_topic(bootstrap: str, partitions: int) -> str:
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    name = f"provbench-{uuid.uuid4().hex[:10]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, partitions, 1)])
-    finally:
-        await admin.close()
-    return name
-
-
-async def produce(bootstrap: str, topic: str, messages: int, partitions: int) -> dict[int, int]:
-    """N messages round-robin over the partitions; the end offset of each partition."""
-    from aiokafka import AIOKafkaProducer
-
-    from tests.provider.triggers import value_of
-
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-    await producer.start()
-    try:
-        for n in range(messages):
-            await producer.send(topic, value_of(n), partition=n % partitions)
-        await producer.flush()
-    finally:
-        await producer.stop()
-    return {p: messages // partitions + (p < messages % partitions) for p in range(partitions)}
 
 
 def kafka_connection(bootstrap: str) -> tuple[str, str]:
@@ -450,10 +421,11 @@ def listening_port(url: str) -> int | None:
 
 async def measure(url: str, bootstrap: str, args: argparse.Namespace) -> dict[str, list[Run]]:
     from outbox import OutboxStore
+    from tests.provider.triggers import value_of
 
-    topic = await create_topic(bootstrap, args.partitions)
-    dlq = await create_topic(bootstrap, 1)
-    ends = await produce(bootstrap, topic, args.messages, args.partitions)
+    topic = await create_topic(bootstrap, args.partitions, prefix="provbench")
+    dlq = await create_topic(bootstrap, 1, prefix="provbench")
+    ends = await produce(bootstrap, topic, args.messages, args.partitions, value_of)
     runs: dict[str, list[Run]] = {kind: [] for kind in MANAGERS}
     async with OutboxStore.from_url(url) as store:
         setup = Setup(
