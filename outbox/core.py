@@ -49,6 +49,12 @@ REGISTRATION_GONE: Final = "its subscriber left, or joined again"
 # Why the sweep fails a delivery whose ack timeout passed by the database clock (counted from
 # when the event was recorded: a lane is never held longer than that).
 DATABASE_CLOCK_TIMEOUT: Final = "ack timeout (database clock)"
+# What a subscriber whose resolution lost finds when it looks (a moment later) and no failure or
+# rejection of its delivery is recorded any more: the winner was an acceptance (an earlier
+# process of the subscriber stored its trigger events), or a redelivery of the held message
+# re-opened the delivery since (it is owed again and handed out again). Every failure records
+# its reason, so this is never a failure of the subscriber's own.
+NO_FAILURE_LEFT: Final = "no failure recorded any more"
 
 # What a subscriber does when another resolution of its delivery won over its own.
 LostDelivery = Literal["moved", "goes on", "ack timeout"]
@@ -76,6 +82,8 @@ def after_lost_delivery(
     if reason == REGISTRATION_GONE and own_registration:
         return "goes on"
     if reason == DATABASE_CLOCK_TIMEOUT and own_registration and recorded_before_join:
+        return "goes on"
+    if reason == NO_FAILURE_LEFT and own_registration:
         return "goes on"
     return "ack timeout"
 

@@ -14,6 +14,7 @@ from outbox.core import (
     BROKER_REDELIVERS,
     DATABASE_CLOCK_TIMEOUT,
     FAILED,
+    NO_FAILURE_LEFT,
     REGISTRATION_GONE,
     REJECTED,
     LaneEvent,
@@ -202,6 +203,11 @@ def test_is_clean_requires_an_accept_and_no_reject_or_failure(
         # Failed with its triggerer's session, or no reason recorded.
         (7, 7, None, False, "ack timeout"),
         (7, 7, "unsubscribed before pulling", True, "ack timeout"),
+        # No failure left when it looks: accepted by an earlier process of it, or re-opened by
+        # a redelivery since (owed again): not its failure.
+        (7, 7, NO_FAILURE_LEFT, False, "goes on"),
+        (7, 7, NO_FAILURE_LEFT, True, "goes on"),
+        (7, None, NO_FAILURE_LEFT, False, "ack timeout"),
     ],
 )
 def test_what_a_subscriber_does_when_its_resolution_lost(

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from outbox.core import DATABASE_CLOCK_TIMEOUT, canonical_json
+from outbox.core import DATABASE_CLOCK_TIMEOUT, NO_FAILURE_LEFT, canonical_json
 from outbox.store import EventToRecord, ResolutionRow
 
 if TYPE_CHECKING:
@@ -155,7 +155,10 @@ async def test_a_moved_delivery_failed_by_the_database_clock_says_it_came_with_t
         False,
     )
     # Nothing failed for a subscriber that was never owed it.
-    assert await store.failure_of(after[0].event_id, "nobody", ids["f"]) == (None, False)
+    assert await store.failure_of(after[0].event_id, "nobody", ids["f"]) == (
+        NO_FAILURE_LEFT,
+        False,
+    )
 
 
 async def test_events_without_identity_of_a_reader_that_is_gone_fail_at_once(

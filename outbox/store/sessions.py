@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
+from outbox.core import NO_FAILURE_LEFT
 from outbox.schema import subscriber
 from outbox.store.base import StoreBase
 from outbox.store.sqlparts import CONSUMER_CHANNEL, OWNER_ID, SESSION_LIVE
@@ -203,21 +204,29 @@ class Sessions(StoreBase):
     async def failure_of(
         self, event_id: int, name: str, registration: int | None
     ) -> tuple[str | None, bool]:
-        """Why ``name``'s delivery of the event was failed (or rejected), if it was, and whether
-        the event was recorded before ``registration`` joined (a delivery it took over from an
-        earlier registration of the subscriber)."""
+        """Why ``name``'s delivery of the event was failed (or rejected), if it was
+        (``NO_FAILURE_LEFT`` when no failure or rejection of it is recorded any more: the winner
+        was an acceptance, or a redelivery re-opened it since), and whether the event was
+        recorded before ``registration`` joined (a delivery it took over from an earlier
+        registration of the subscriber)."""
         async with self._autocommit.connect() as conn:
             row = (
                 await conn.execute(
                     sa.text(
-                        "SELECT u.reason, coalesce(e.created_at < r.joined_at, false) "
+                        "SELECT CASE WHEN u.event_id IS NULL THEN :gone ELSE u.reason END, "
+                        "coalesce(e.created_at < r.joined_at, false) "
                         "FROM outbox_event AS e "
                         "LEFT JOIN outbox_unacked AS u "
                         "  ON u.event_id = e.id AND u.subscriber = :name "
                         "LEFT JOIN outbox_subscriber AS r ON r.id = :registration "
                         "WHERE e.id = :event_id"
                     ),
-                    {"event_id": event_id, "name": name, "registration": registration},
+                    {
+                        "event_id": event_id,
+                        "name": name,
+                        "registration": registration,
+                        "gone": NO_FAILURE_LEFT,
+                    },
                 )
             ).first()
         if row is None:
