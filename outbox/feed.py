@@ -196,6 +196,9 @@ async def _holder_died_here(group: StreamGroup) -> bool:
             extra={"stream": repr(group.key)},
         )
         await group.host.writer.retry(lambda: store.end_session(session_id))
+        # Its in-process committer's lane leases died with it: released now, or no committer
+        # advances or sweeps those lanes until they expire (``lease_seconds``, 30 s by default).
+        await group.host.writer.retry(lambda: store.release_leases(f"{owner}:committer"))
         return True
     except OSError:  # it exists (another user's): alive
         return False
