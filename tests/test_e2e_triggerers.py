@@ -111,6 +111,21 @@ class Cluster:
             proc.ensure_dead()
 
 
+async def registered_in(store: OutboxStore, mode: str, proc: Proc) -> bool:
+    """Whether subscriber ``mode``'s live registration belongs to ``proc``'s session."""
+    async with store.engine.connect() as conn:
+        owner = await conn.scalar(
+            sa.text(
+                "SELECT s.owner FROM outbox_subscriber AS r"
+                " JOIN outbox_session AS s ON s.id = r.session_id"
+                " WHERE r.name = :mode AND NOT r.excluded AND s.ended_at IS NULL"
+            ),
+            {"mode": mode},
+        )
+    pid = proc.proc.pid if proc.proc is not None else None
+    return owner is not None and owner.split(":")[1] == str(pid)
+
+
 async def commits_never_ran_ahead(store: OutboxStore, modes: list[str]) -> int:
     """For every logged commit, every message below it that a subscriber fires for was stored
     before the commit; returns how many commits were checked."""
@@ -207,6 +222,14 @@ async def run(
                     await wait_until(
                         lambda: joined_it.search(joined.current_run()) is not None,  # noqa: B023
                         within=30,
+                    )
+                    # That line is printed before the registration commits: leave the first
+                    # triggerer only once the mode's registration is the target's, or the
+                    # messages read in between are owed to it nowhere (and committed past).
+                    await eventually(
+                        lambda: registered_in(store, mode, joined),  # noqa: B023
+                        within=30,
+                        interval=0.1,
                     )
                     cluster.set_modes(source, [m for m in layout[source] if m != mode])
             if gracefully and rnd.random() < 0.3:
